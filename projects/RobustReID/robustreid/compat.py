@@ -1,0 +1,244 @@
+"""The one place that adapts fastreid 1.4.0 and advertorch 0.2.3 to Python 3.11, torch 2.x and numpy 2.
+
+Nothing here edits fastreid's or advertorch's files: each patch rebinds a name at import time, is applied
+only when the running stack needs it, is idempotent, and is covered by tests/test_compat.py.
+``apply()`` runs on ``import robustreid``; ``applied_patches()`` lists what was changed in this process,
+and ``original(name)`` returns what a patch replaced. ROBUSTREID_COMPAT_SKIP=name1,name2 leaves the
+named patches out (to reproduce an upstream failure, or to check whether a patch is still needed).
+
+Patches, in the order they must run:
+  collections_abc_aliases   fastreid imports ``collections.Mapping`` (removed in Python 3.10).
+  torch_six                 fastreid imports ``torch._six.string_classes`` (module removed in torch 2).
+  advertorch_zero_gradients advertorch imports ``torch.autograd.gradcheck.zero_gradients`` (torch 1.9).
+  contiguous_optimizer      ContiguousParams + torch 2's zero_grad(set_to_none=True) = no training.
+  cpu_data_loader           fastreid's DataLoaderX creates a CUDA stream: no data loading on CPU.
+  evaluator_no_cython_exit  ReidEvaluator compiles Cython with `make` and sys.exit(1)s when it can't.
+  cpu_distributed_launch    launch() asserts CUDA and hard-codes NCCL; DDP is given CUDA device ids
+                            (CPU only: on GPU fastreid's NCCL path runs unchanged).
+"""
+import collections
+import collections.abc
+import functools
+import importlib
+import logging
+import math
+import os
+import sys
+import types
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_APPLIED = []
+_ORIGINALS = {}
+
+
+def _record(name, original=None):
+    if name not in _APPLIED:
+        _APPLIED.append(name)
+        _ORIGINALS[name] = original
+
+
+def original(name):
+    """The object a patch replaced (None for patches that only added a missing name)."""
+    return _ORIGINALS[name]
+
+
+def applied_patches():
+    """Names of the patches this process needed and applied."""
+    return list(_APPLIED)
+
+
+# --- Python 3.10+: ABCs left the top-level collections module --------------------------------------
+_ABC_NAMES = ("Mapping", "MutableMapping", "Sequence", "MutableSequence", "Iterable", "Iterator",
+              "Callable", "Set", "MutableSet", "Hashable", "Sized", "Container")
+
+
+def patch_collections_abc_aliases():
+    missing = [n for n in _ABC_NAMES if not hasattr(collections, n)]
+    for name in missing:
+        setattr(collections, name, getattr(collections.abc, name))
+    if missing:
+        _record("collections_abc_aliases")
+
+
+# --- torch 2: torch._six was removed; fastreid only needs string_classes ---------------------------
+def patch_torch_six():
+    import importlib.util
+    if "torch._six" in sys.modules or importlib.util.find_spec("torch._six") is not None:
+        return
+    six = types.ModuleType("torch._six")
+    six.string_classes = (str, bytes)
+    six.int_classes = (int,)
+    six.inf = math.inf
+    six.nan = math.nan
+    sys.modules["torch._six"] = six
+    torch._six = six
+    _record("torch_six")
+
+
+# --- torch 1.9+: zero_gradients left torch.autograd.gradcheck; advertorch imports it ---------------
+def _zero_gradients(x):
+    """Zero the .grad of a tensor or of every tensor in an iterable (the removed torch helper)."""
+    if isinstance(x, torch.Tensor):
+        if x.grad is not None:
+            x.grad.detach_()
+            x.grad.zero_()
+    elif isinstance(x, collections.abc.Iterable):
+        for elem in x:
+            _zero_gradients(elem)
+
+
+def patch_advertorch_zero_gradients():
+    # torch.autograd re-exports the gradcheck() function under the module's name.
+    gradcheck = importlib.import_module("torch.autograd.gradcheck")
+    if not hasattr(gradcheck, "zero_gradients"):
+        gradcheck.zero_gradients = _zero_gradients
+        _record("advertorch_zero_gradients")
+
+
+# --- torch 2: ContiguousParams silently stops training ---------------------------------------------
+# torch 2's optimizer.zero_grad() sets .grad to None, which detaches the flat gradient buffer that
+# ContiguousParams hands to the optimizer, so optimizer.step() updates nothing. Building the optimizer
+# over the plain parameter groups (contiguous=False) keeps every param group and lr factor intact.
+def _set_to_none_is_default():
+    import inspect
+    param = inspect.signature(torch.optim.Optimizer.zero_grad).parameters.get("set_to_none")
+    return param is not None and param.default is True
+
+
+def patch_contiguous_optimizer():
+    import fastreid.engine.defaults as engine_defaults
+    import fastreid.solver as solver
+    import fastreid.solver.build as solver_build
+
+    if getattr(solver_build.build_optimizer, "_robustreid_patched", False):
+        return
+    if not _set_to_none_is_default():
+        return
+    fastreid_build_optimizer = solver_build.build_optimizer
+
+    @functools.wraps(fastreid_build_optimizer)
+    def build_optimizer(cfg, model, contiguous=True):
+        return fastreid_build_optimizer(cfg, model, contiguous=False)
+
+    build_optimizer._robustreid_patched = True
+    for module in (solver_build, solver, engine_defaults):
+        module.build_optimizer = build_optimizer
+    _record("contiguous_optimizer", fastreid_build_optimizer)
+
+
+# --- CPU machines: DataLoaderX needs CUDA ----------------------------------------------------------
+def cpu_data_loader(local_rank, **kwargs):
+    """Stand-in for fastreid's DataLoaderX on machines without CUDA: a plain DataLoader."""
+    kwargs["pin_memory"] = False  # pinning needs a CUDA driver
+    return torch.utils.data.DataLoader(**kwargs)
+
+
+def patch_cpu_data_loader():
+    import fastreid.data.build as data_build
+
+    if data_build.DataLoaderX is cpu_data_loader or torch.cuda.is_available():
+        return
+    _record("cpu_data_loader", data_build.DataLoaderX)
+    data_build.DataLoaderX = cpu_data_loader
+
+
+# --- ReidEvaluator: no Cython build, no sys.exit ---------------------------------------------------
+def _compile_dependencies_without_exit(self):
+    # fastreid.evaluation.rank falls back to its Python ranker when the Cython one is absent;
+    # RobustReID's FaissReidEvaluator needs neither.
+    logger.info("fastreid's Cython ranker is not built; ReidEvaluator uses its Python ranker "
+                "(TEST.EVALUATOR FaissReidEvaluator is faster)")
+
+
+def patch_evaluator_no_cython_exit():
+    from fastreid.evaluation import reid_evaluation
+
+    cls = reid_evaluation.ReidEvaluator
+    if cls._compile_dependencies is _compile_dependencies_without_exit:
+        return
+    try:
+        from fastreid.evaluation.rank_cylib.rank_cy import evaluate_cy  # noqa: F401
+        return
+    except ImportError:
+        pass
+    _record("evaluator_no_cython_exit", cls._compile_dependencies)
+    cls._compile_dependencies = _compile_dependencies_without_exit
+
+
+# --- launch() on CPU machines: gloo, no CUDA asserts; fastreid's own NCCL path is kept on GPU -------
+def _distributed_worker(local_rank, main_func, world_size, num_gpus_per_machine, machine_rank,
+                        dist_url, args):
+    """fastreid's worker for machines without CUDA: gloo instead of NCCL, no CUDA device asserts."""
+    import torch.distributed as dist
+    from fastreid.utils import comm
+
+    backend = "gloo"
+    global_rank = machine_rank * num_gpus_per_machine + local_rank
+    try:
+        dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size,
+                                rank=global_rank)
+    except Exception:
+        logger.error("Process group URL: %s (backend %s)", dist_url, backend)
+        raise
+    comm.synchronize()
+    num_machines = world_size // num_gpus_per_machine
+    for i in range(num_machines):
+        ranks_on_i = list(range(i * num_gpus_per_machine, (i + 1) * num_gpus_per_machine))
+        group = dist.new_group(ranks_on_i)
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _device_aware_ddp(ddp_cls):
+    @functools.wraps(ddp_cls)
+    def DistributedDataParallel(module, device_ids=None, **kwargs):
+        # DefaultTrainer passes device_ids=[local_rank]; CPU modules must get None.
+        if next(module.parameters()).device.type == "cpu":
+            device_ids = None
+        return ddp_cls(module, device_ids=device_ids, **kwargs)
+
+    DistributedDataParallel._robustreid_patched = True
+    return DistributedDataParallel
+
+
+def patch_cpu_distributed_launch():
+    import fastreid.engine.defaults as engine_defaults
+    # fastreid.engine re-exports the launch() function under the module's name.
+    launch = importlib.import_module("fastreid.engine.launch")
+
+    if launch._distributed_worker is _distributed_worker or torch.cuda.is_available():
+        return
+    _record("cpu_distributed_launch", launch._distributed_worker)
+    launch._distributed_worker = _distributed_worker
+    engine_defaults.DistributedDataParallel = _device_aware_ddp(
+        engine_defaults.DistributedDataParallel)
+
+
+_PATCHES = (
+    patch_collections_abc_aliases,
+    patch_torch_six,
+    patch_advertorch_zero_gradients,
+    patch_contiguous_optimizer,
+    patch_cpu_data_loader,
+    patch_evaluator_no_cython_exit,
+    patch_cpu_distributed_launch,
+)
+
+
+def apply():
+    """Apply every needed patch not named in $ROBUSTREID_COMPAT_SKIP (safe to call repeatedly)."""
+    skip = {n.strip() for n in os.environ.get("ROBUSTREID_COMPAT_SKIP", "").split(",") if n.strip()}
+    unknown = skip - {p.__name__[len("patch_"):] for p in _PATCHES}
+    if unknown:
+        raise ValueError(f"ROBUSTREID_COMPAT_SKIP names unknown patches: {sorted(unknown)}")
+    for patch in _PATCHES:
+        if patch.__name__[len("patch_"):] not in skip:
+            patch()
+    return applied_patches()

@@ -1,0 +1,140 @@
+"""RobustTrainer and the set-up shared by tools/train_net.py and the other tools.
+
+The same config runs on CPU and GPU: ``resolve_device`` moves MODEL.DEVICE to "cpu" and disables AMP
+when no CUDA device is visible, and multi-process training uses gloo on CPU (see robustreid.compat).
+"""
+import logging
+import os
+
+import torch
+from fastreid.engine import DefaultTrainer, default_setup
+from fastreid.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
+from fastreid.solver import build_optimizer
+from fastreid.utils import comm
+from fastreid.utils.env import seed_all_rng
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import ConfigError, load_config
+from ..data.validation import DatasetError, check_datasets
+from .checkpoint import RobustCheckpointer, WeightsNotFoundError
+
+logger = logging.getLogger(__name__)
+
+# Errors that mean "the user's input is wrong": tools print them as one line, without a traceback.
+USER_ERRORS = (ConfigError, DatasetError, WeightsNotFoundError)
+
+
+def resolve_device(cfg):
+    """Run a GPU config on a CPU-only machine: MODEL.DEVICE -> cpu, SOLVER.AMP.ENABLED -> False."""
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE=%s but CUDA is not available: running on cpu", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        logger.warning("SOLVER.AMP.ENABLED needs CUDA: disabled on %s", cfg.MODEL.DEVICE)
+        cfg.SOLVER.AMP.ENABLED = False
+    return cfg
+
+
+def check_weights(cfg, eval_only=False):
+    """Weights paths named in the config must exist before anything is built."""
+    if eval_only and not cfg.MODEL.WEIGHTS:
+        raise ConfigError("--eval-only needs trained weights: pass MODEL.WEIGHTS /path/to/model.pth")
+    if cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
+        raise WeightsNotFoundError(f"MODEL.WEIGHTS file not found: {cfg.MODEL.WEIGHTS}")
+    path = cfg.MODEL.BACKBONE.PRETRAIN_PATH
+    if cfg.MODEL.BACKBONE.PRETRAIN and path and not os.path.isfile(path):
+        raise WeightsNotFoundError(f"MODEL.BACKBONE.PRETRAIN_PATH file not found: {path}")
+
+
+def build_config(args):
+    """Config from the CLI (file + KEY VALUE opts) with the device resolved; frozen."""
+    cfg = load_config(args.config_file, args.opts)
+    resolve_device(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def preflight(cfg, eval_only=False):
+    """Every input check that can fail, before training starts: weights, datasets, images."""
+    check_weights(cfg, eval_only=eval_only)
+    train_names = () if eval_only else cfg.DATASETS.NAMES
+    check_datasets(train_names, cfg.DATASETS.TESTS, verify=cfg.DATALOADER.VERIFY_IMAGES)
+
+
+def setup(args):
+    """fastreid's default_setup (logger, output dir, config dump) plus a reproducible seed."""
+    cfg = build_config(args)
+    default_setup(cfg, args)
+    if cfg.ROBUSTREID.SEED >= 0:
+        # Distinct but reproducible streams per rank; samplers draw their shared seed from numpy.
+        seed_all_rng(cfg.ROBUSTREID.SEED + comm.get_rank())
+    return cfg
+
+
+class RobustTrainer(DefaultTrainer):
+    """fastreid's DefaultTrainer with RobustReID's evaluator, checkpointer and CPU/GPU-neutral DDP.
+
+    Extension points for later methods: ``extra_checkpointables()`` returns further objects with a
+    state_dict (discriminators, memories, their optimizers/schedulers) to save and restore.
+    """
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        data_loader = self.build_train_loader(cfg)
+        cfg = self.auto_scale_hyperparams(cfg, data_loader.dataset.num_classes)
+        model = self.build_model(cfg)
+        optimizer, param_wrapper = self.build_optimizer(cfg, model)
+
+        if comm.get_world_size() > 1:
+            on_gpu = next(model.parameters()).device.type == "cuda"
+            model = DistributedDataParallel(
+                model, device_ids=[comm.get_local_rank()] if on_gpu else None,
+                broadcast_buffers=False)
+
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer, param_wrapper)
+
+        self.iters_per_epoch = len(data_loader.dataset) // cfg.SOLVER.IMS_PER_BATCH
+        if self.iters_per_epoch == 0:
+            raise ConfigError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is larger than the "
+                              f"training set ({len(data_loader.dataset)} images)")
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer, self.iters_per_epoch)
+        self.checkpointer = RobustCheckpointer(
+            model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
+            weights_only=cfg.ROBUSTREID.WEIGHTS_ONLY, optimizer=optimizer, **self.scheduler,
+            **self.extra_checkpointables())
+
+        self.start_epoch = 0
+        self.max_epoch = cfg.SOLVER.MAX_EPOCH
+        self.max_iter = self.max_epoch * self.iters_per_epoch
+        self.warmup_iters = cfg.SOLVER.WARMUP_ITERS
+        self.delay_epochs = cfg.SOLVER.DELAY_EPOCHS
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def extra_checkpointables(self):
+        """Objects with state_dict()/load_state_dict() saved beside model/optimizer/schedulers."""
+        return {}
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        # contiguous=False: ContiguousParams does not train under torch 2 (see robustreid.compat).
+        return build_optimizer(cfg, model, contiguous=False)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_dir=None):
+        from ..evaluation import build_reid_evaluator
+
+        data_loader, num_query = cls.build_test_loader(cfg, dataset_name)
+        return data_loader, build_reid_evaluator(cfg, num_query, output_dir)
+
+    @classmethod
+    def load_for_eval(cls, cfg):
+        """A model in eval mode with MODEL.WEIGHTS loaded (for --eval-only and the tools)."""
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.BACKBONE.PRETRAIN = False
+        model = cls.build_model(cfg)
+        RobustCheckpointer(model, weights_only=cfg.ROBUSTREID.WEIGHTS_ONLY).load(cfg.MODEL.WEIGHTS)
+        model.eval()
+        return model

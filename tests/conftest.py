@@ -1,0 +1,41 @@
+"""Shared fixtures: a private datasets root and a tiny CPU config."""
+import os
+
+import pytest
+
+import robustreid  # noqa: F401  (compat patches + registrations, before fastreid is used)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def datasets_root(tmp_path_factory):
+    """A session-wide $FASTREID_DATASETS; fastreid reads the variable once at import, so patch it."""
+    import fastreid.data.build as data_build
+
+    root = str(tmp_path_factory.mktemp("datasets"))
+    previous = data_build._root
+    os.environ["FASTREID_DATASETS"] = root
+    data_build._root = root
+    yield root
+    data_build._root = previous
+
+
+def make_tiny_cfg(output_dir, *opts):
+    """A small ResNet-18 BoT config on SynthReIDTiny that trains in seconds on CPU."""
+    from robustreid.config import load_config
+    from robustreid.engine import resolve_device
+
+    cfg = load_config(os.path.join(REPO, "configs/SynthReID/bagtricks_R18.yml"), [
+        "DATASETS.NAMES", "('SynthReIDTiny',)", "DATASETS.TESTS", "('SynthReIDTiny',)",
+        "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
+        "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "16", "TEST.IMS_PER_BATCH", "32",
+        "SOLVER.MAX_EPOCH", "2", "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "[1]",
+        "SOLVER.CHECKPOINT_PERIOD", "1", "TEST.EVAL_PERIOD", "2", "OUTPUT_DIR", str(output_dir),
+        *opts])
+    return resolve_device(cfg)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, datasets_root):
+    return make_tiny_cfg(tmp_path / "out")

@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Train or evaluate a RobustReID model: fastreid's train_net CLI, on CPU or GPU.
+
+    python tools/train_net.py --config-file configs/SynthReID/bagtricks_R18.yml [KEY VALUE ...]
+    python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model.pth
+    python tools/train_net.py --config-file CFG --resume          # continue from OUTPUT_DIR
+    python tools/train_net.py --config-file CFG --num-gpus 2      # 2 processes (gloo on CPU)
+
+On a CPU-only machine --num-gpus is the number of training processes.
+"""
+import sys
+
+import robustreid  # noqa: F401  (applies compat patches, registers everything)
+from fastreid.engine import default_argument_parser
+from robustreid.engine import USER_ERRORS, RobustTrainer, build_config, launch, preflight, setup
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = RobustTrainer.load_for_eval(cfg)
+        return RobustTrainer.test(cfg, model)
+    trainer = RobustTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def cli(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    try:
+        # Validate config, weights and data once, in the launching process, before any worker starts.
+        preflight(build_config(args), eval_only=args.eval_only)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
