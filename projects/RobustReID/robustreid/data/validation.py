@@ -30,7 +30,7 @@ def build_dataset(name, root=None):
     try:
         dataset_cls = DATASET_REGISTRY.get(name)
     except KeyError:
-        known = ", ".join(sorted(k for k, _ in DATASET_REGISTRY))
+        known = ", ".join(sorted(DATASET_REGISTRY._obj_map))
         raise DatasetError(f"unknown dataset {name!r} (DATASETS.NAMES / DATASETS.TESTS); "
                            f"registered: {known}") from None
     try:

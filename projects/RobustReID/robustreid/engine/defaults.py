@@ -7,6 +7,9 @@ import logging
 import os
 
 import torch
+from fastreid.data import build_reid_test_loader
+from fastreid.data.common import CommDataset
+from fastreid.data.transforms import build_transforms
 from fastreid.engine import DefaultTrainer, default_setup
 from fastreid.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 from fastreid.solver import build_optimizer
@@ -15,8 +18,9 @@ from fastreid.utils.env import seed_all_rng
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError, load_config
-from ..data.validation import DatasetError, check_datasets
+from ..data.validation import DatasetError, build_dataset, check_datasets
 from .checkpoint import RobustCheckpointer, WeightsNotFoundError
+from .hooks import SyncBufferStats
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +84,8 @@ class RobustTrainer(DefaultTrainer):
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
+        if comm.is_main_process() and cfg.OUTPUT_DIR:
+            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)  # also when used without default_setup
         data_loader = self.build_train_loader(cfg)
         cfg = self.auto_scale_hyperparams(cfg, data_loader.dataset.num_classes)
         model = self.build_model(cfg)
@@ -116,10 +122,26 @@ class RobustTrainer(DefaultTrainer):
         """Objects with state_dict()/load_state_dict() saved beside model/optimizer/schedulers."""
         return {}
 
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        if comm.get_world_size() > 1:
+            hooks.insert(0, SyncBufferStats())  # first, so evaluation and checkpoint see it
+        return hooks
+
     @classmethod
     def build_optimizer(cls, cfg, model):
         # contiguous=False: ContiguousParams does not train under torch 2 (see robustreid.compat).
         return build_optimizer(cfg, model, contiguous=False)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        # fastreid's from-config path always starts 4 loader workers; honour DATALOADER.NUM_WORKERS.
+        data = build_dataset(dataset_name)
+        test_set = CommDataset(data.query + data.gallery, build_transforms(cfg, is_train=False),
+                               relabel=False)
+        return build_reid_test_loader(test_set=test_set, test_batch_size=cfg.TEST.IMS_PER_BATCH,
+                                      num_query=len(data.query),
+                                      num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_dir=None):

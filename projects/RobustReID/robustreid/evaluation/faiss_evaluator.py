@@ -1,0 +1,131 @@
+"""``FaissReidEvaluator``: fastreid's ReidEvaluator contract, streamed exact ranking, no Cython.
+
+Drop-in for ``fastreid.evaluation.ReidEvaluator`` (same constructor, ``process``/``evaluate``/``reset``,
+same result keys and scaling).  Differences:
+
+* ranking streams over ``TEST.FAISS.QUERY_CHUNK`` queries at a time (:mod:`.ranking`), so the full
+  query x gallery distance matrix is never materialised, and nothing is compiled;
+* ``TEST.RERANK`` runs on CPU (:mod:`.rerank`, faiss-cpu) as well as GPU; re-ranking needs the full
+  ``num_query x num_gallery`` distances, so with it enabled that matrix IS materialised;
+* ``TEST.AQE`` reuses fastreid's ``aqe`` unchanged (it works on CPU, but builds an N x N similarity);
+* ``TEST.ROC`` is not supported: a warning is logged and the TPR@FPR keys are left out.
+"""
+import copy
+import itertools
+import logging
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastreid.evaluation.evaluator import DatasetEvaluator
+from fastreid.evaluation.query_expansion import aqe
+from fastreid.utils import comm
+
+from .ranking import evaluate_rank_from_distances, evaluate_rank_from_features
+from .rerank import rerank_distance
+from .retrieval import ExactRetriever
+
+logger = logging.getLogger(__name__)
+
+EVALUATORS = ("FaissReidEvaluator", "ReidEvaluator")
+
+
+def _faiss_options(cfg):
+    """(query_chunk, use_gpu) from cfg.TEST.FAISS, with the declared defaults if it is absent."""
+    faiss_cfg = cfg.TEST.get("FAISS", None)
+    chunk = int(faiss_cfg.QUERY_CHUNK) if faiss_cfg is not None else 1024
+    use_gpu = bool(faiss_cfg.USE_GPU) if faiss_cfg is not None else True
+    return chunk, use_gpu
+
+
+class FaissReidEvaluator(DatasetEvaluator):
+    """Re-ID evaluator (Rank-1/5/10, mAP, mINP) with streamed exact retrieval."""
+
+    def __init__(self, cfg, num_query, output_dir=None):
+        self.cfg = cfg
+        self._num_query = num_query
+        self._output_dir = output_dir
+        self._cpu_device = torch.device("cpu")
+        self._predictions = []
+
+    def reset(self):
+        self._predictions = []
+
+    def process(self, inputs, outputs):
+        self._predictions.append({
+            "feats": outputs.to(self._cpu_device, torch.float32),
+            "pids": inputs["targets"].to(self._cpu_device),
+            "camids": inputs["camids"].to(self._cpu_device),
+        })
+
+    def _gathered_predictions(self):
+        if comm.get_world_size() > 1:
+            comm.synchronize()
+            predictions = comm.gather(self._predictions, dst=0)
+            if not comm.is_main_process():
+                return None
+            return list(itertools.chain(*predictions))
+        return self._predictions
+
+    def evaluate(self):
+        predictions = self._gathered_predictions()
+        if predictions is None:  # non-main rank in distributed evaluation
+            return {}
+
+        features = torch.cat([p["feats"] for p in predictions], dim=0)
+        pids = torch.cat([p["pids"] for p in predictions], dim=0).numpy()
+        camids = torch.cat([p["camids"] for p in predictions], dim=0).numpy()
+        # Query first, then gallery (fastreid's test-set order).
+        q_feats, g_feats = features[:self._num_query], features[self._num_query:]
+        q_pids, g_pids = pids[:self._num_query], pids[self._num_query:]
+        q_camids, g_camids = camids[:self._num_query], camids[self._num_query:]
+
+        test = self.cfg.TEST
+        metric = test.METRIC
+        chunk, use_gpu = _faiss_options(self.cfg)
+
+        if test.AQE.ENABLED:
+            logger.info("Test with AQE setting")
+            q_feats, g_feats = aqe(q_feats, g_feats, test.AQE.QE_TIME, test.AQE.QE_K, test.AQE.ALPHA)
+
+        if test.RERANK.ENABLED:
+            logger.info("Test with rerank setting (materialises the %d x %d distance matrix)",
+                        len(q_pids), len(g_pids))
+            dist = ExactRetriever(g_feats, metric=metric, use_gpu=use_gpu).full_distances(q_feats, chunk)
+            if metric == "cosine":
+                q_feats, g_feats = F.normalize(q_feats, dim=1), F.normalize(g_feats, dim=1)
+            dist = rerank_distance(q_feats, g_feats, dist, k1=test.RERANK.K1, k2=test.RERANK.K2,
+                                   lambda_value=test.RERANK.LAMBDA, use_gpu=use_gpu)
+            cmc, all_ap, all_inp = evaluate_rank_from_distances(dist, q_pids, g_pids, q_camids,
+                                                                g_camids, chunk_size=chunk)
+        else:
+            cmc, all_ap, all_inp = evaluate_rank_from_features(
+                q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, metric=metric,
+                chunk_size=chunk, use_gpu=use_gpu)
+
+        m_ap, m_inp = np.mean(all_ap), np.mean(all_inp)
+        results = OrderedDict()
+        for r in (1, 5, 10):
+            results["Rank-{}".format(r)] = cmc[r - 1] * 100
+        results["mAP"] = m_ap * 100
+        results["mINP"] = m_inp * 100
+        results["metric"] = (m_ap + cmc[0]) / 2 * 100
+
+        if test.ROC.ENABLED:
+            logger.warning("TEST.ROC is not supported by FaissReidEvaluator; TPR@FPR is skipped "
+                           "(set TEST.EVALUATOR=ReidEvaluator to get it)")
+        self._results = results
+        return copy.deepcopy(results)
+
+
+def build_reid_evaluator(cfg, num_query, output_dir=None):
+    """The evaluator named by ``cfg.TEST.EVALUATOR`` (default ``FaissReidEvaluator``)."""
+    name = cfg.TEST.get("EVALUATOR", "FaissReidEvaluator")
+    if name == "FaissReidEvaluator":
+        return FaissReidEvaluator(cfg, num_query, output_dir)
+    if name == "ReidEvaluator":
+        from fastreid.evaluation import ReidEvaluator
+
+        return ReidEvaluator(cfg, num_query, output_dir)
+    raise ValueError(f"Unknown TEST.EVALUATOR {name!r}; expected one of {list(EVALUATORS)}")

@@ -1,0 +1,168 @@
+"""RobustTrainer / train_net: end-to-end training, bad input, resume, 2-process gloo training."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, make_tiny_cfg
+
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+CONFIG = os.path.join(REPO, "configs", "SynthReID", "bagtricks_R18.yml")
+TINY_OPTS = ["DATASETS.NAMES", "('SynthReIDTiny',)", "DATASETS.TESTS", "('SynthReIDTiny',)",
+             "INPUT.SIZE_TRAIN", "[64,32]", "INPUT.SIZE_TEST", "[64,32]",
+             "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "16",
+             "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "[100]", "SOLVER.CHECKPOINT_PERIOD", "1"]
+
+
+def train_net(*args, datasets_root, timeout=600):
+    env = dict(os.environ, FASTREID_DATASETS=datasets_root, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, TRAIN_NET, "--config-file", CONFIG, *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["MODEL.NO_SUCH_KEY", "1"], "MODEL.NO_SUCH_KEY"),
+    (["MODEL.WEIGHTS", "/nonexistent/model.pth"], "/nonexistent/model.pth"),
+    (["DATASETS.NAMES", "('Market1501',)"], "Market1501"),
+    (["DATASETS.NAMES", "('NoSuchSet',)"], "NoSuchSet"),
+])
+def test_bad_input_stops_before_training_with_one_clear_line(opts, message, datasets_root,
+                                                             tmp_path):
+    result = train_net(*TINY_OPTS, "OUTPUT_DIR", str(tmp_path), *opts, datasets_root=datasets_root)
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and message in last_line, result.stderr
+    assert "Traceback" not in result.stderr and "Starting training" not in result.stderr
+
+
+def test_undecodable_image_is_named_before_training(tiny_cfg, datasets_root):
+    from robustreid.data.validation import DatasetError, build_dataset
+    from robustreid.engine import preflight
+
+    preflight(tiny_cfg)  # the generated set is clean
+    victim = build_dataset("SynthReIDTiny").gallery[0][0]
+    original = open(victim, "rb").read()
+    try:
+        with open(victim, "wb") as f:
+            f.write(b"not a jpeg")
+        with pytest.raises(DatasetError, match=os.path.basename(victim)):
+            preflight(tiny_cfg)
+    finally:
+        with open(victim, "wb") as f:
+            f.write(original)
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    from robustreid.config import ConfigError, load_config
+
+    bad = tmp_path / "bad.yml"
+    bad.write_text("SOLVER:\n  BASE_LR: fast\n")
+    with pytest.raises(ConfigError, match="bad.yml.*SOLVER.BASE_LR"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yml"))
+
+
+def test_train_then_eval_only_reproduces_metrics(tmp_path, datasets_root):
+    out = tmp_path / "run"
+    trained = train_net(*TINY_OPTS, "SOLVER.MAX_EPOCH", "2", "TEST.EVAL_PERIOD", "2",
+                        "OUTPUT_DIR", str(out), datasets_root=datasets_root)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (out / "model_final.pth").is_file()
+    evaluated = train_net("--eval-only", *TINY_OPTS, "MODEL.WEIGHTS", str(out / "model_final.pth"),
+                          "OUTPUT_DIR", str(tmp_path / "eval"), datasets_root=datasets_root)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+
+    def table_row(log):  # fastreid prints a csv-style table; its last row holds the numbers
+        rows = [l for l in log.splitlines() if l.startswith("| SynthReIDTiny")]
+        return rows[-1]
+    assert table_row(trained.stdout + trained.stderr) == table_row(evaluated.stdout +
+                                                                   evaluated.stderr)
+
+
+def test_resume_restores_model_optimizer_and_scheduler(tmp_path, datasets_root):
+    from robustreid.engine import RobustTrainer
+
+    cfg = make_tiny_cfg(tmp_path, "SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "100")
+    first = RobustTrainer(cfg)
+    first.resume_or_load(resume=False)
+    first.train()
+    saved = torch.load(tmp_path / "model_final.pth", weights_only=True)
+
+    cfg = make_tiny_cfg(tmp_path, "SOLVER.MAX_EPOCH", "3")
+    second = RobustTrainer(cfg)
+    second.resume_or_load(resume=True)
+    assert second.start_epoch == 1
+    model_state = second.model.state_dict()
+    for key, value in saved["model"].items():
+        assert torch.equal(model_state[key], value), key
+    opt_state = second.optimizer.state_dict()["state"]
+    assert opt_state and all(torch.equal(opt_state[k]["exp_avg"], v["exp_avg"])
+                             for k, v in saved["optimizer"]["state"].items())
+    assert second.scheduler["lr_sched"].last_epoch == saved["lr_sched"]["last_epoch"]
+
+
+def test_killed_run_resumes_from_last_checkpoint(tmp_path, datasets_root):
+    out = tmp_path / "run"
+    args = [*TINY_OPTS, "SOLVER.MAX_EPOCH", "6", "TEST.EVAL_PERIOD", "100", "OUTPUT_DIR", str(out)]
+    env = dict(os.environ, FASTREID_DATASETS=datasets_root, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, TRAIN_NET, "--config-file", CONFIG, *args], env=env,
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "model_0001.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-epoch 2, no chance to clean up
+    proc.wait()
+    assert not (out / "model_final.pth").exists()
+    last = (out / "last_checkpoint").read_text().strip()
+    resumed = train_net("--resume", *args, datasets_root=datasets_root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    epoch_done = int(last.split("_")[1].split(".")[0])
+    assert f"Starting training from epoch {epoch_done + 1}" in log
+    assert (out / "model_final.pth").is_file()
+
+
+def _ddp_worker(cfg, out_dir):
+    from fastreid.utils import comm
+
+    from robustreid.engine import RobustTrainer
+
+    trainer = RobustTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    model = trainer.model.module
+    torch.save(model.state_dict(), os.path.join(out_dir, f"rank{comm.get_rank()}.pth"))
+    if comm.is_main_process():
+        metrics = {k: float(v) for k, v in results.items() if k != "dataset"}
+        torch.save(metrics, os.path.join(out_dir, "results.pth"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
+def test_two_process_gloo_training(tmp_path, datasets_root):
+    from fastreid.engine import launch
+
+    from robustreid.engine import RobustTrainer
+
+    cfg = make_tiny_cfg(tmp_path / "out", "SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "1")
+    cfg.freeze()
+    launch(_ddp_worker, 2, dist_url="auto", args=(cfg, str(tmp_path)))
+    rank0 = torch.load(tmp_path / "rank0.pth", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pth", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:  # weights and BN statistics
+        assert torch.equal(rank0[key], rank1[key]), key
+    # Evaluation gathered both ranks' features: single-process evaluation of the same weights agrees.
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.HEADS.NUM_CLASSES = rank0["heads.weight"].shape[0]
+    model = RobustTrainer.build_model(cfg)
+    model.load_state_dict(rank0)
+    expected = RobustTrainer.test(cfg, model)
+    distributed = torch.load(tmp_path / "results.pth", weights_only=True)
+    for metric in ("Rank-1", "mAP", "mINP"):
+        assert distributed[metric] == pytest.approx(expected[metric], abs=1e-6)
