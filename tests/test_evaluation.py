@@ -222,7 +222,7 @@ def test_fastreid_aqe_runs_on_cpu():
 
 
 # --- evaluator -------------------------------------------------------------------------------------
-def make_cfg(metric="cosine", aqe_enabled=False, rerank=False, chunk=37):
+def make_cfg(metric="cosine", aqe_enabled=False, rerank=False, chunk=37, backend="auto"):
     cfg = get_cfg()
     add_robustreid_config(cfg)
     cfg.TEST.METRIC = metric
@@ -233,6 +233,7 @@ def make_cfg(metric="cosine", aqe_enabled=False, rerank=False, chunk=37):
     cfg.TEST.RERANK.K2 = 3
     cfg.TEST.FAISS.QUERY_CHUNK = chunk
     cfg.TEST.FAISS.USE_GPU = False
+    cfg.TEST.FAISS.BACKEND = backend
     return cfg
 
 
@@ -252,10 +253,12 @@ def assert_results_equal(got, ref):
         assert got[key] == pytest.approx(ref[key], abs=100 * TOL), key
 
 
-@pytest.mark.parametrize("metric,aqe_enabled", [("cosine", False), ("euclidean", False), ("cosine", True)])
-def test_faiss_evaluator_equals_fastreid_evaluator(metric, aqe_enabled):
+@pytest.mark.parametrize("metric,aqe_enabled,backend", [
+    ("cosine", False, "auto"), ("euclidean", False, "auto"), ("cosine", True, "auto"),
+    ("cosine", False, "faiss"), ("euclidean", False, "faiss")])
+def test_faiss_evaluator_equals_fastreid_evaluator(metric, aqe_enabled, backend):
     data = make_split(num_query=120, num_gallery=500, seed=2)
-    cfg = make_cfg(metric, aqe_enabled)
+    cfg = make_cfg(metric, aqe_enabled, backend=backend)
     got = feed(FaissReidEvaluator(cfg, num_query=120), *data)
     ref = feed(ReidEvaluator(cfg, num_query=120), *data)
     assert_results_equal(got, ref)

@@ -32,11 +32,11 @@ EVALUATORS = ("FaissReidEvaluator", "ReidEvaluator")
 
 
 def _faiss_options(cfg):
-    """(query_chunk, use_gpu) from cfg.TEST.FAISS, with the declared defaults if it is absent."""
+    """(query_chunk, use_gpu, backend) from cfg.TEST.FAISS, or the declared defaults if absent."""
     faiss_cfg = cfg.TEST.get("FAISS", None)
-    chunk = int(faiss_cfg.QUERY_CHUNK) if faiss_cfg is not None else 1024
-    use_gpu = bool(faiss_cfg.USE_GPU) if faiss_cfg is not None else True
-    return chunk, use_gpu
+    if faiss_cfg is None:  # a plain fastreid config without add_robustreid_config
+        return 1024, True, "auto"
+    return int(faiss_cfg.QUERY_CHUNK), bool(faiss_cfg.USE_GPU), faiss_cfg.BACKEND
 
 
 class FaissReidEvaluator(DatasetEvaluator):
@@ -83,7 +83,7 @@ class FaissReidEvaluator(DatasetEvaluator):
 
         test = self.cfg.TEST
         metric = test.METRIC
-        chunk, use_gpu = _faiss_options(self.cfg)
+        chunk, use_gpu, backend = _faiss_options(self.cfg)
 
         if test.AQE.ENABLED:
             logger.info("Test with AQE setting")
@@ -92,7 +92,8 @@ class FaissReidEvaluator(DatasetEvaluator):
         if test.RERANK.ENABLED:
             logger.info("Test with rerank setting (materialises the %d x %d distance matrix)",
                         len(q_pids), len(g_pids))
-            dist = ExactRetriever(g_feats, metric=metric, use_gpu=use_gpu).full_distances(q_feats, chunk)
+            retriever = ExactRetriever(g_feats, metric=metric, use_gpu=use_gpu, backend=backend)
+            dist = retriever.full_distances(q_feats, chunk)
             if metric == "cosine":
                 q_feats, g_feats = F.normalize(q_feats, dim=1), F.normalize(g_feats, dim=1)
             dist = rerank_distance(q_feats, g_feats, dist, k1=test.RERANK.K1, k2=test.RERANK.K2,
@@ -102,7 +103,7 @@ class FaissReidEvaluator(DatasetEvaluator):
         else:
             cmc, all_ap, all_inp = evaluate_rank_from_features(
                 q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, metric=metric,
-                chunk_size=chunk, use_gpu=use_gpu)
+                chunk_size=chunk, use_gpu=use_gpu, backend=backend)
 
         m_ap, m_inp = np.mean(all_ap), np.mean(all_inp)
         results = OrderedDict()
