@@ -27,6 +27,9 @@ $PIP install -q torch==2.14.1 torchvision==0.29.1
 echo "[setup] installing fastreid 1.4.0 without its impossible pins"
 $PIP install -q --no-deps fastreid==1.4.0
 echo "[setup] installing runtime requirements and $FAISS"
+# faiss-cpu and faiss-gpu install the same `faiss` module: never keep both.
+OTHER_FAISS=faiss-gpu; [ "$FAISS" = faiss-gpu ] && OTHER_FAISS=faiss-cpu
+$PIP uninstall -q -y "$OTHER_FAISS" >/dev/null 2>&1 || true
 $PIP install -q -r requirements.txt "$FAISS"
 $PIP install -q --no-deps advertorch==0.2.3
 echo "[setup] installing robustreid (editable)"
