@@ -15,11 +15,10 @@ setup(
     packages=find_packages("projects/RobustReID"),
     python_requires=">=3.10",
     install_requires=["torch>=2.0", "torchvision", "yacs", "numpy", "scipy", "Pillow", "tqdm",
-                      "matplotlib"],
+                      "matplotlib", "advertorch==0.2.3"],
     extras_require={
         "cpu": ["faiss-cpu>=1.7.3"],
         "gpu": ["faiss-gpu"],
-        "attacks": ["advertorch==0.2.3"],
         "test": ["pytest>=7", "pytest-timeout"],
     },
 )

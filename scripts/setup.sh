@@ -31,7 +31,6 @@ echo "[setup] installing runtime requirements and $FAISS"
 OTHER_FAISS=faiss-gpu; [ "$FAISS" = faiss-gpu ] && OTHER_FAISS=faiss-cpu
 $PIP uninstall -q -y "$OTHER_FAISS" >/dev/null 2>&1 || true
 $PIP install -q -r requirements.txt "$FAISS"
-$PIP install -q --no-deps advertorch==0.2.3
 echo "[setup] installing robustreid (editable)"
 $PIP install -q --no-deps -e .
 rm -f "$VENV"/.robustreid-setup-*

@@ -1,0 +1,43 @@
+"""Adversarial attacks on ReID models and the input-transformation defenses they are evaluated on.
+
+Images are in [0, 1]; budgets and step sizes in 1/255 units (``eps=8`` is 8/255, see
+:func:`eps_from_255`). Typical use (robust evaluation: queries attacked, gallery clean)::
+
+    extractor = ReidFeatureExtractor(model)               # optionally defense=build_defense(...)
+    guides = GuideSet(clean_query_features, query_pids)   # the guide set A of DDDefense eq. 3
+    attack = build_attack("FNA", extractor, eps=8, steps=16)
+    adv01 = attack.perturb(queries01, pids, guides, sample_index=query_rows)
+
+Registered attacks: FNA, FNA_PULL, SMA, IFGSM, FGSM, MIFGSM, NIFGSM, SINIFGSM (metric, see
+:mod:`.metric`) and PGD (classification, :mod:`.classification`); :func:`EOTAttack` averages
+gradients over random forwards; :mod:`.transfer` crafts on a surrogate model.
+"""
+from . import classification, metric  # noqa: F401  (registration side effects)
+from .base import ReidAttack
+from .defenses import DEFENSES, StraightThrough, bpda, build_defense
+from .eot import EOTAttack
+from .feature_extractor import ReidFeatureExtractor
+from .guides import GuideSet, SameIdGuides
+from .losses import DISTANCES
+from .registry import ATTACK_REGISTRY, build_attack, registered_attacks
+from .transfer import build_surrogate_extractor
+from .validation import AttackConfigError, eps_from_255
+
+__all__ = [
+    "ATTACK_REGISTRY",
+    "AttackConfigError",
+    "DEFENSES",
+    "DISTANCES",
+    "EOTAttack",
+    "GuideSet",
+    "ReidAttack",
+    "ReidFeatureExtractor",
+    "SameIdGuides",
+    "StraightThrough",
+    "bpda",
+    "build_attack",
+    "build_defense",
+    "build_surrogate_extractor",
+    "eps_from_255",
+    "registered_attacks",
+]
