@@ -3,7 +3,8 @@
 
 Generates SynthReID under $FASTREID_DATASETS (./datasets by default) on first use, trains the small
 Bag-of-Tricks ResNet-18 of configs/SynthReID/bagtricks_R18.yml, evaluates it with the faiss evaluator
-and prints mAP / Rank-k next to the chance level of the same query/gallery split.
+and prints mAP / Rank-k next to the chance level of the same query/gallery split, then the
+robustness table of tools/robust_eval.py (FNA, SMA, Metric I-FGSM at 8/255, 16 iterations).
 
     python tools/demo.py [--config-file CFG] [--output DIR] [KEY VALUE ...]
 """
@@ -12,33 +13,32 @@ import os
 import sys
 import time
 
-import numpy as np
-
 import robustreid  # noqa: F401
 from fastreid.engine import default_argument_parser
-from robustreid.data.validation import build_dataset
 from robustreid.engine import USER_ERRORS, RobustTrainer, build_config, preflight, setup
-from robustreid.evaluation import evaluate_rank_from_features
+from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
+                                          robust_markdown, write_report)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "SynthReID", "bagtricks_R18.yml")
+# DDDefense's white-box evaluation at its smaller budget; SynthReID has 100 queries.
+DEMO_ATTACKS, DEMO_EPS, DEMO_STEPS, DEMO_MAX_QUERIES = ("FNA", "SMA", "IFGSM"), (8,), (16,), 100
 
 
-def chance_level(dataset_name, draws=5, seed=0):
-    """mAP / Rank-1 of random features on the same query/gallery split (what 'no skill' scores)."""
-    data = build_dataset(dataset_name)
-    q_pids, q_cams = (np.array([x[i] for x in data.query]) for i in (1, 2))
-    g_pids, g_cams = (np.array([x[i] for x in data.gallery]) for i in (1, 2))
-    rng = np.random.default_rng(seed)
-    maps, rank1s = [], []
-    for _ in range(draws):
-        cmc, all_ap, _ = evaluate_rank_from_features(
-            rng.standard_normal((len(q_pids), 64)).astype(np.float32),
-            rng.standard_normal((len(g_pids), 64)).astype(np.float32),
-            q_pids, g_pids, q_cams, g_cams, metric="euclidean")
-        maps.append(np.mean(all_ap) * 100)
-        rank1s.append(cmc[0] * 100)
-    return float(np.mean(maps)), float(np.mean(rank1s))
+def robust_report(cfg, model, config_file):
+    """FNA/SMA/IFGSM at 8/255, 16 steps on the first test set's queries (at most DEMO_MAX_QUERIES):
+    tools/robust_eval.py's code path, report written to OUTPUT_DIR/robust_eval."""
+    start = time.perf_counter()
+    evaluator = RobustEvaluator(cfg, model, cfg.DATASETS.TESTS[0], max_queries=DEMO_MAX_QUERIES,
+                                seed=max(cfg.ROBUSTREID.SEED, 0))
+    result = evaluator.run(attack_grid(DEMO_ATTACKS, DEMO_EPS, DEMO_STEPS))
+    settings = {"model": os.path.splitext(os.path.basename(config_file))[0], "attacks": DEMO_ATTACKS,
+                "eps": DEMO_EPS, "steps": DEMO_STEPS, "distance": "euclidean",
+                "max_queries": DEMO_MAX_QUERIES, "config_file": os.path.abspath(config_file),
+                "weights": os.path.join(cfg.OUTPUT_DIR, "model_final.pth")}
+    report = build_report(settings, [result], time.perf_counter() - start)
+    write_report(report, os.path.join(cfg.OUTPUT_DIR, "robust_eval"))
+    return report
 
 
 def main(argv=None):
@@ -60,16 +60,22 @@ def main(argv=None):
     trainer.resume_or_load(resume=False)
     results = trainer.train()
     dataset = cfg.DATASETS.TESTS[0]
-    chance_map, chance_r1 = chance_level(dataset)
+    train_minutes = (time.time() - start) / 60
+    report = robust_report(cfg, trainer.model, ns.config_file)
+    chance = report["datasets"][0]["chance"]  # robust.chance_level on the same split
     minutes = (time.time() - start) / 60
     print(f"\nRobustReID demo: {dataset}, {cfg.MODEL.BACKBONE.DEPTH} ResNet, "
-          f"{cfg.SOLVER.MAX_EPOCH} epochs on {cfg.MODEL.DEVICE}, {minutes:.1f} min")
+          f"{cfg.SOLVER.MAX_EPOCH} epochs on {cfg.MODEL.DEVICE}, {minutes:.1f} min "
+          f"({train_minutes:.1f} training, {report['seconds_total'] / 60:.1f} robust evaluation)")
     print("| metric | model | chance |\n|---|---|---|")
-    print(f"| mAP | {results['mAP']:.1f} | {chance_map:.1f} |")
-    print(f"| Rank-1 | {results['Rank-1']:.1f} | {chance_r1:.1f} |")
+    print(f"| mAP | {results['mAP']:.1f} | {chance['mAP']:.1f} |")
+    print(f"| Rank-1 | {results['Rank-1']:.1f} | {chance['Rank-1']:.1f} |")
     for key in ("Rank-5", "Rank-10", "mINP"):
         print(f"| {key} | {results[key]:.1f} | |")
+    print("\nWhite-box attacks on the queries (gallery clean):\n")
+    print(robust_markdown(report))
     print(f"weights: {os.path.join(cfg.OUTPUT_DIR, 'model_final.pth')}")
+    print(f"robust report: {os.path.join(cfg.OUTPUT_DIR, 'robust_eval')}")
     return 0
 
 

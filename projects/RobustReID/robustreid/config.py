@@ -40,6 +40,29 @@ def add_robustreid_config(cfg):
     # "torch", "faiss" (faiss-cpu) or "faiss-gpu". k-NN for re-ranking always uses a faiss index.
     cfg.TEST.FAISS.BACKEND = "auto"
 
+    # Adversarial robustness evaluation inside RobustTrainer.test (robustreid.evaluation.robust);
+    # tools/robust_eval.py takes the same settings from its command line instead.
+    cfg.TEST.ROBUST = CN()
+    # Run it after the clean evaluation; adds flat keys like "FNA_8_16/mAP" to the results.
+    cfg.TEST.ROBUST.ENABLED = False
+    # Attack names of robustreid.attacks' registry.
+    cfg.TEST.ROBUST.ATTACKS = ("FNA", "SMA", "IFGSM")
+    # L-inf budgets in 1/255 units of [0,1] images (8 means 8/255; 0.03 is rejected).
+    cfg.TEST.ROBUST.EPS = (8,)
+    # Attack iterations; every ATTACKS x EPS x STEPS cell is evaluated.
+    cfg.TEST.ROBUST.STEPS = (16,)
+    # Distance the attacks optimise ("euclidean", as the papers); ranking uses TEST.METRIC.
+    cfg.TEST.ROBUST.DISTANCE = "euclidean"
+    # During training: every N epochs, on epochs where the clean evaluation (TEST.EVAL_PERIOD) runs
+    # too; 0 = only at the end of training.
+    cfg.TEST.ROBUST.PERIOD = 0
+    # Attack a seeded random subset of this many queries (0 = all): attacks cost ~steps x 3 passes.
+    cfg.TEST.ROBUST.MAX_QUERIES = 0
+    # AMA protocol: attack the gallery (gallery as guide set) and keep the queries clean.
+    cfg.TEST.ROBUST.ATTACK_GALLERY = False
+    # Expectation over transformation: gradient samples per step (for randomized defenses).
+    cfg.TEST.ROBUST.EOT_SAMPLES = 1
+
     if frozen:
         cfg.freeze()
     return cfg

@@ -11,6 +11,7 @@ from fastreid.data import build_reid_test_loader
 from fastreid.data.common import CommDataset
 from fastreid.data.transforms import build_transforms
 from fastreid.engine import DefaultTrainer, default_setup
+from fastreid.engine import hooks as fastreid_hooks
 from fastreid.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 from fastreid.solver import build_optimizer
 from fastreid.utils import comm
@@ -63,6 +64,10 @@ def preflight(cfg, eval_only=False):
     check_weights(cfg, eval_only=eval_only)
     train_names = () if eval_only else cfg.DATASETS.NAMES
     check_datasets(train_names, cfg.DATASETS.TESTS, verify=cfg.DATALOADER.VERIFY_IMAGES)
+    if cfg.TEST.ROBUST.ENABLED:
+        from ..evaluation.robust import check_robust_config  # imports the attacks only when used
+
+        check_robust_config(cfg)
 
 
 def setup(args):
@@ -126,7 +131,41 @@ class RobustTrainer(DefaultTrainer):
         hooks = super().build_hooks()
         if comm.get_world_size() > 1:
             hooks.insert(0, SyncBufferStats())  # first, so evaluation and checkpoint see it
-        return hooks
+        # fastreid's EvalHook calls test() without the epoch; ours tells it whether the robust
+        # evaluation (TEST.ROBUST.PERIOD) is due, so both land in one results dict.
+        return [fastreid_hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_and_save_results)
+                if isinstance(h, fastreid_hooks.EvalHook) else h for h in hooks]
+
+    def _robust_due(self):
+        """TEST.ROBUST.PERIOD: every PERIOD epochs (when the clean evaluation runs) and at the end."""
+        epoch, period = self.epoch + 1, self.cfg.TEST.ROBUST.PERIOD
+        return epoch >= self.max_epoch or (period > 0 and epoch % period == 0)
+
+    def _test_and_save_results(self):
+        self._last_eval_results = self.test(self.cfg, self.model, robust=self._robust_due())
+        return self._last_eval_results
+
+    @classmethod
+    def test(cls, cfg, model, robust=True):
+        """fastreid's clean evaluation, then (TEST.ROBUST.ENABLED and ``robust``) the adversarial
+        one on every test dataset, merged as flat floats (``FNA_8_16/mAP``, ...).
+
+        The robust evaluation runs on the main process only (the attacks are not sharded); other
+        ranks wait at EvalHook's barrier, so keep it short (TEST.ROBUST.MAX_QUERIES) in
+        multi-process runs: gloo's default barrier timeout is 30 minutes.
+        """
+        results = super().test(cfg, model)
+        if not (robust and cfg.TEST.ROBUST.ENABLED and comm.is_main_process()):
+            return results
+        from ..evaluation.robust import robust_test
+
+        robust_results = robust_test(cfg, model)
+        if len(cfg.DATASETS.TESTS) == 1:  # DefaultTrainer.test un-nests a single dataset
+            results.update(robust_results[cfg.DATASETS.TESTS[0]])
+        else:
+            for name, flat in robust_results.items():
+                results[name].update(flat)
+        return results
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -287,3 +287,17 @@ def evaluate_rank_from_distances(distmat, q_pids, g_pids, q_camids, g_camids, ma
         block = np.array(distmat[start:start + chunk_size], dtype=np.float32)  # own copy: modified
         acc.add_chunk(start, block)
     return acc.result()
+
+
+def valid_query_mask(q_pids, q_camids, g_pids, g_camids) -> np.ndarray:
+    """Boolean mask of the queries the Market-1501 protocol scores (a same-pid gallery item from
+    another camera exists).
+
+    ``all_AP`` / ``all_INP`` returned by :func:`evaluate_rank_from_features` and
+    :func:`evaluate_rank_from_distances` hold exactly these queries, in query order, so
+    ``np.asarray(q_pids)[valid_query_mask(...)]`` labels them (e.g. for per-identity mAP).
+    """
+    q_pids = np.asarray(q_pids).astype(np.int64, copy=False).ravel()
+    q_camids = np.asarray(q_camids).astype(np.int64, copy=False).ravel()
+    _, _, positive = _SamePidIndex.build(g_pids, g_camids).same_pid_items(q_pids, q_camids)
+    return positive.any(axis=1)

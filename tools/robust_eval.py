@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Adversarial robustness of a trained model: metric attacks on the query set, papers' tables.
+
+    python tools/robust_eval.py --config-file CFG MODEL.WEIGHTS model.pth [KEY VALUE ...]
+        [--attacks FNA,SMA,IFGSM] [--eps 8,10] [--steps 16] [--distance euclidean]
+        [--attack-gallery] [--eot N] [--defense NAME [--bpda]] [--max-queries N]
+        [--output DIR] [--sanity]
+
+Budgets are L-inf in 1/255 units ("8" is 8/255). Each attack x eps x steps cell attacks the queries
+(guide set: the query set) and ranks them against the clean gallery (DDDefense / Bouniot protocol);
+--attack-gallery attacks the gallery instead (AMA protocol). Writes results.json, results.md,
+mAP_vs_eps.png and per_identity_map.png to DIR (default OUTPUT_DIR/robust_eval) and prints the
+"mAP/Rank-1" table. --sanity also runs the evaluation's self-checks (eps 0 = clean, budgets,
+monotonicity, attacks beat random noise, a huge budget reaches chance, determinism), prints
+PASS/FAIL for each and exits 1 if any fails. Bad input exits 2 with one "error: ..." line.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import robustreid  # noqa: F401  (compat patches + registrations)
+from robustreid.attacks import AttackConfigError, build_defense
+from robustreid.config import ConfigError, load_config
+from robustreid.engine import USER_ERRORS, RobustCheckpointer, RobustTrainer, preflight, setup
+from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
+                                          check_attack_settings, robust_markdown, sanity_checks,
+                                          sha256_of, write_report)
+
+OPTION_NAMES = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
+                "distance": "--distance", "eot": "--eot"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one "error: ..." line (exit 2), like the other checks."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser():
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--attacks", default="FNA,SMA,IFGSM", help="comma-separated attack names")
+    parser.add_argument("--eps", default="8,10", help="comma-separated L-inf budgets in 1/255 units")
+    parser.add_argument("--steps", default="16", help="comma-separated iteration counts")
+    parser.add_argument("--distance", default="euclidean", help="attack distance: euclidean, cosine")
+    parser.add_argument("--attack-gallery", action="store_true",
+                        help="attack the gallery (gallery as guide set), queries clean")
+    parser.add_argument("--eot", default="1", help="EOT gradient samples per attack step")
+    parser.add_argument("--defense", default="", help="input-transformation defense name")
+    parser.add_argument("--bpda", action="store_true", help="attack the defense through BPDA")
+    parser.add_argument("--max-queries", default="0", help="attack a seeded subset (0 = all)")
+    parser.add_argument("--output", default="", help="default: OUTPUT_DIR/robust_eval")
+    parser.add_argument("--sanity", action="store_true", help="run the self-checks too")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="MODEL.WEIGHTS path and KEY VALUE pairs")
+    return parser
+
+
+def _numbers(text, option, kind, minimum=None):
+    """A comma-separated option as numbers, or ConfigError naming the option."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        numbers = [kind(v) for v in values]
+    except ValueError:
+        numbers = []
+    if not numbers:
+        raise ConfigError(f"{option}: {text!r} is not a comma-separated list of "
+                          f"{'integers' if kind is int else 'numbers'}")
+    if minimum is not None and min(numbers) < minimum:
+        raise ConfigError(f"{option} must be >= {minimum}, got {text!r}")
+    return numbers
+
+
+def parse_settings(ns):
+    """Attack settings from the command line, every one validated (ConfigError naming the option)."""
+    settings = dict(
+        attacks=[a.strip() for a in ns.attacks.split(",") if a.strip()],
+        eps=_numbers(ns.eps, "--eps", float), steps=_numbers(ns.steps, "--steps", int),
+        distance=ns.distance, eot=_numbers(ns.eot, "--eot", int)[0],
+        max_queries=_numbers(ns.max_queries, "--max-queries", int, minimum=0)[0],
+        defense=ns.defense or None, bpda=ns.bpda, attack_gallery=ns.attack_gallery)
+    check_attack_settings(settings["attacks"], settings["eps"], settings["steps"], ns.distance,
+                          settings["eot"], OPTION_NAMES)
+    if ns.bpda and not ns.defense:
+        raise ConfigError("--bpda needs --defense NAME")
+    return settings
+
+
+def inference_tensor_names(model, cfg):
+    """State-dict keys the eval-mode features depend on: every buffer and every parameter that
+    receives a gradient (the identity classifier, sized by the training set, does not).
+    Raises RuntimeError when the model cannot run on a TEST-sized batch."""
+    height, width = cfg.INPUT.SIZE_TEST
+    model.eval()
+    model({"images": torch.full((2, 3, height, width), 128.0)}).sum().backward()
+    used = {name for name, p in model.named_parameters() if p.grad is not None}
+    return used | {name for name, _ in model.named_buffers()}
+
+
+def check_weights_fit(cfg):
+    """Refuse MODEL.WEIGHTS whose tensors do not fit the config's model (checked on CPU).
+
+    fastreid's checkpointer only warns about tensors whose shape differs (and skips them) or that
+    are missing, which would silently evaluate a partly random model.
+    """
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.BACKBONE.PRETRAIN = False
+    try:
+        model = RobustTrainer.build_model(cfg)
+    except (KeyError, AssertionError, ValueError) as e:  # registry names, inconsistent sizes
+        raise ConfigError(f"cannot build the model of {cfg.MODEL.META_ARCHITECTURE}: "
+                          f"{e.args[0] if e.args else e}") from None
+    checkpointer = RobustCheckpointer(model, weights_only=cfg.ROBUSTREID.WEIGHTS_ONLY)
+    try:
+        checkpoint = checkpointer._load_file(cfg.MODEL.WEIGHTS)
+    except Exception as e:  # torch.load raises many types for files that are not checkpoints
+        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} cannot be read: "
+                          f"{str(e).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} is not a fastreid checkpoint "
+                          f"(no 'model' state dict)")
+    incompatible = checkpointer._load_model(checkpoint)
+    try:
+        used, failure = inference_tensor_names(model, cfg), None
+    except RuntimeError as e:  # reported after the weights, the likelier cause
+        used, failure = None, str(e).splitlines()[0]
+    wrong = [(k, c, m) for k, c, m in incompatible.incorrect_shapes if used is None or k in used]
+    missing = [k for k in incompatible.missing_keys if used is None or k in used]
+    if wrong:
+        key, in_checkpoint, in_model = wrong[0]
+        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} does not match the config: {key} has "
+                          f"shape {in_checkpoint} in the checkpoint but {in_model} in the model "
+                          f"({len(wrong)} mismatching tensor(s))")
+    if missing:
+        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} does not match the config: {missing[0]} "
+                          f"is missing from the checkpoint ({len(missing)} missing tensor(s))")
+    if failure:
+        raise ConfigError(f"the model of {cfg.MODEL.META_ARCHITECTURE} / {cfg.MODEL.BACKBONE.NAME} "
+                          f"cannot run on INPUT.SIZE_TEST images: {failure}")
+
+
+def check_inputs(ns):
+    """Every check that can fail, before any work (and printing nothing): (settings, cfg, defense)."""
+    settings = parse_settings(ns)
+    cfg = load_config(ns.config_file, ns.opts)
+    if not cfg.MODEL.WEIGHTS:
+        raise ConfigError("no weights to evaluate: pass MODEL.WEIGHTS /path/to/model_final.pth")
+    preflight(cfg, eval_only=True)  # weights file, datasets, images
+    check_weights_fit(cfg)
+    defense = build_defense(settings["defense"], bpda=settings["bpda"]) if settings["defense"] else None
+    return settings, cfg, defense
+
+
+def run(ns, settings, checked_cfg, defense):
+    """Evaluate every test dataset, write the report; returns (report, sanity checks)."""
+    output = ns.output or os.path.join(checked_cfg.OUTPUT_DIR, "robust_eval")
+    # fastreid's logger and config dump go to the report's directory; device resolved; seeded.
+    cfg = setup(argparse.Namespace(config_file=ns.config_file, eval_only=True,
+                                   opts=[*ns.opts, "OUTPUT_DIR", output]))
+    model = RobustTrainer.load_for_eval(cfg)
+    seed = max(cfg.ROBUSTREID.SEED, 0)
+    cells = attack_grid(settings["attacks"], settings["eps"], settings["steps"])
+    start = time.perf_counter()
+    datasets, checks = [], []
+    for name in cfg.DATASETS.TESTS:
+        evaluator = RobustEvaluator(
+            cfg, model, name, distance=settings["distance"], max_queries=settings["max_queries"],
+            attack_gallery=settings["attack_gallery"], eot_samples=settings["eot"], defense=defense,
+            seed=seed, strict_budget=not ns.sanity)
+        result = evaluator.run(cells)
+        if ns.sanity:
+            dataset_checks, extra = sanity_checks(evaluator, result)
+            result["sanity"] = {"checks": [vars(c) for c in dataset_checks], "cells": extra}
+            checks += [(name, c) for c in dataset_checks]
+        datasets.append(result)
+    report = build_report({
+        **settings, "model": os.path.splitext(os.path.basename(ns.config_file))[0],
+        "config_file": os.path.abspath(ns.config_file), "opts": list(ns.opts),
+        "weights": os.path.abspath(cfg.MODEL.WEIGHTS), "weights_sha256": sha256_of(cfg.MODEL.WEIGHTS),
+        "datasets": list(cfg.DATASETS.TESTS), "metric": cfg.TEST.METRIC, "seed": seed,
+        "device": cfg.MODEL.DEVICE, "output_dir": os.path.abspath(output),
+    }, datasets, time.perf_counter() - start)
+    write_report(report, output)
+    return report, checks
+
+
+def main(argv=None):
+    ns = build_parser().parse_args(argv)
+    flags = [o for o in ns.opts[::2] if o.startswith("--")]
+    if flags:  # argparse hands everything after the first KEY to the KEY VALUE list
+        print(f"error: put the options before the KEY VALUE pairs: {' '.join(flags)}", file=sys.stderr)
+        return 2
+    try:
+        settings, cfg, defense = check_inputs(ns)
+    except (*USER_ERRORS, AttackConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report, checks = run(ns, settings, cfg, defense)
+    print("\n" + robust_markdown(report))
+    print(f"report: {report['settings']['output_dir']}")
+    for name, check in checks:
+        print(f"[{name}] {check.line()}")
+    return 1 if any(not c.passed for _, c in checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
