@@ -63,6 +63,18 @@ def add_robustreid_config(cfg):
     # Expectation over transformation: gradient samples per step (for randomized defenses).
     cfg.TEST.ROBUST.EOT_SAMPLES = 1
 
+    # Online metric adversarial training (engine/train_steps.py: MetricAdversarialBatch).
+    # Defaults: DDDefense's supplementary (FNA, 5/255, 8 iterations, Euclidean).
+    cfg.ADV_TRAIN = CN()
+    cfg.ADV_TRAIN.ENABLED = False
+    cfg.ADV_TRAIN.ATTACK = "FNA"          # any name in robustreid.attacks.ATTACK_REGISTRY
+    cfg.ADV_TRAIN.EPS = 5.0               # budget in 1/255 units of the [0, 1] pixel range
+    cfg.ADV_TRAIN.STEPS = 8
+    cfg.ADV_TRAIN.STEP_SIZE = 0.0         # 1/255 units; 0 = the attack's own default
+    cfg.ADV_TRAIN.DISTANCE = "euclidean"  # or "cosine"
+    # True: train on clean + adversarial images; False: adversarial only (Bouniot et al.'s Adv_train).
+    cfg.ADV_TRAIN.INCLUDE_CLEAN = True
+
     if frozen:
         cfg.freeze()
     return cfg

@@ -12,7 +12,7 @@ from fastreid.data.common import CommDataset
 from fastreid.data.transforms import build_transforms
 from fastreid.engine import DefaultTrainer, default_setup
 from fastreid.engine import hooks as fastreid_hooks
-from fastreid.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
+from fastreid.engine.train_loop import TrainerBase
 from fastreid.solver import build_optimizer
 from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
@@ -22,6 +22,7 @@ from ..config import ConfigError, load_config
 from ..data.validation import DatasetError, build_dataset, check_datasets
 from .checkpoint import RobustCheckpointer, WeightsNotFoundError
 from .hooks import SyncBufferStats
+from .train_steps import PhasedTrainer, build_batch_phases
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,9 @@ class RobustTrainer(DefaultTrainer):
                 model, device_ids=[comm.get_local_rank()] if on_gpu else None,
                 broadcast_buffers=False)
 
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer, param_wrapper)
+        grad_scaler = torch.cuda.amp.GradScaler() if cfg.SOLVER.AMP.ENABLED else None
+        self._trainer = PhasedTrainer(model, data_loader, optimizer, param_wrapper,
+                                      build_batch_phases(cfg), grad_scaler)
 
         self.iters_per_epoch = len(data_loader.dataset) // cfg.SOLVER.IMS_PER_BATCH
         if self.iters_per_epoch == 0:
