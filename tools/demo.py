@@ -1,81 +1,106 @@
 #!/usr/bin/env python
-"""`make demo`: train the built-in SynthReID model on CPU and print its evaluation table.
+"""`make demo`: a small robust-training + robust-evaluation run on CPU, end to end.
 
-Generates SynthReID under $FASTREID_DATASETS (./datasets by default) on first use, trains the small
-Bag-of-Tricks ResNet-18 of configs/SynthReID/bagtricks_R18.yml, evaluates it with the faiss evaluator
-and prints mAP / Rank-k next to the chance level of the same query/gallery split, then the
-robustness table of tools/robust_eval.py (FNA, SMA, Metric I-FGSM at 8/255, 16 iterations).
+1. Generates SynthReID under $FASTREID_DATASETS (./datasets by default) on first use.
+2. Trains the undefended Bag-of-Tricks ResNet-18 (configs/SynthReID/bagtricks_R18.yml).
+3. Fine-tunes it with metric adversarial training (configs/SynthReID/demo_metric_at_R18.yml: FNA
+   examples of every batch, 5/255).
+4. Attacks both with FNA, SMA and Metric I-FGSM at 8/255, 16 iterations (queries attacked, gallery
+   clean: DDDefense's protocol, tools/robust_eval.py's code path) and prints the table in the papers'
+   layout, next to the chance level of the same split.
 
-    python tools/demo.py [--config-file CFG] [--output DIR] [KEY VALUE ...]
+Each stage writes to --output/<stage> (weights, logs, robust_eval/ with JSON, markdown and plots).
+
+    python tools/demo.py [--output DIR] [KEY VALUE ...]     (KEY VALUE applies to both stages)
 """
 import argparse
+import logging
 import os
 import sys
 import time
+import warnings
 
 import robustreid  # noqa: F401
 from fastreid.engine import default_argument_parser
 from robustreid.engine import USER_ERRORS, RobustTrainer, build_config, preflight, setup
-from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
-                                          robust_markdown, write_report)
+from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report, papers_table,
+                                          write_report)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO, "configs", "SynthReID", "bagtricks_R18.yml")
+CONFIGS = os.path.join(REPO, "configs", "SynthReID")
+# (stage directory, row label, config); each stage after the first starts from the previous weights.
+STAGES = (
+    ("undefended", "Undefended BoT R18", os.path.join(CONFIGS, "bagtricks_R18.yml")),
+    ("metric_at", "Metric AT (FNA 5/255)", os.path.join(CONFIGS, "demo_metric_at_R18.yml")),
+)
 # DDDefense's white-box evaluation at its smaller budget; SynthReID has 100 queries.
-DEMO_ATTACKS, DEMO_EPS, DEMO_STEPS, DEMO_MAX_QUERIES = ("FNA", "SMA", "IFGSM"), (8,), (16,), 100
+ATTACKS, EPS, STEPS, MAX_QUERIES = ("FNA", "SMA", "IFGSM"), (8,), (16,), 100
 
 
-def robust_report(cfg, model, config_file):
-    """FNA/SMA/IFGSM at 8/255, 16 steps on the first test set's queries (at most DEMO_MAX_QUERIES):
-    tools/robust_eval.py's code path, report written to OUTPUT_DIR/robust_eval."""
+def stage_args(config_file, output_dir, opts, init_weights):
+    init = ["MODEL.WEIGHTS", init_weights] if init_weights else []
+    return default_argument_parser().parse_args(
+        ["--config-file", config_file, *opts, *init, "OUTPUT_DIR", output_dir])
+
+
+def robust_report(cfg, model, label):
+    """The robust evaluation of tools/robust_eval.py, written to OUTPUT_DIR/robust_eval."""
     start = time.perf_counter()
-    evaluator = RobustEvaluator(cfg, model, cfg.DATASETS.TESTS[0], max_queries=DEMO_MAX_QUERIES,
+    evaluator = RobustEvaluator(cfg, model, cfg.DATASETS.TESTS[0], max_queries=MAX_QUERIES,
                                 seed=max(cfg.ROBUSTREID.SEED, 0))
-    result = evaluator.run(attack_grid(DEMO_ATTACKS, DEMO_EPS, DEMO_STEPS))
-    settings = {"model": os.path.splitext(os.path.basename(config_file))[0], "attacks": DEMO_ATTACKS,
-                "eps": DEMO_EPS, "steps": DEMO_STEPS, "distance": "euclidean",
-                "max_queries": DEMO_MAX_QUERIES, "config_file": os.path.abspath(config_file),
+    result = evaluator.run(attack_grid(ATTACKS, EPS, STEPS))
+    settings = {"model": label, "attacks": ATTACKS, "eps": EPS, "steps": STEPS,
+                "distance": "euclidean", "max_queries": MAX_QUERIES,
                 "weights": os.path.join(cfg.OUTPUT_DIR, "model_final.pth")}
     report = build_report(settings, [result], time.perf_counter() - start)
     write_report(report, os.path.join(cfg.OUTPUT_DIR, "robust_eval"))
     return report
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--config-file", default=DEFAULT_CONFIG)
-    parser.add_argument("--output", default=os.path.join(REPO, "logs", "demo"))
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    ns = parser.parse_args(argv)
-    args = default_argument_parser().parse_args(
-        ["--config-file", ns.config_file, "OUTPUT_DIR", ns.output, *ns.opts])
-    start = time.time()
-    try:
-        preflight(build_config(args))
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run_stage(args):
+    # setup() adds fastreid's log handlers per output directory; one set per stage, not cumulative.
+    logging.getLogger("fastreid").handlers.clear()
     cfg = setup(args)
     trainer = RobustTrainer(cfg)
     trainer.resume_or_load(resume=False)
-    results = trainer.train()
-    dataset = cfg.DATASETS.TESTS[0]
-    train_minutes = (time.time() - start) / 60
-    report = robust_report(cfg, trainer.model, ns.config_file)
-    chance = report["datasets"][0]["chance"]  # robust.chance_level on the same split
-    minutes = (time.time() - start) / 60
-    print(f"\nRobustReID demo: {dataset}, {cfg.MODEL.BACKBONE.DEPTH} ResNet, "
-          f"{cfg.SOLVER.MAX_EPOCH} epochs on {cfg.MODEL.DEVICE}, {minutes:.1f} min "
-          f"({train_minutes:.1f} training, {report['seconds_total'] / 60:.1f} robust evaluation)")
-    print("| metric | model | chance |\n|---|---|---|")
-    print(f"| mAP | {results['mAP']:.1f} | {chance['mAP']:.1f} |")
-    print(f"| Rank-1 | {results['Rank-1']:.1f} | {chance['Rank-1']:.1f} |")
-    for key in ("Rank-5", "Rank-10", "mINP"):
-        print(f"| {key} | {results[key]:.1f} | |")
-    print("\nWhite-box attacks on the queries (gallery clean):\n")
-    print(robust_markdown(report))
-    print(f"weights: {os.path.join(cfg.OUTPUT_DIR, 'model_final.pth')}")
-    print(f"robust report: {os.path.join(cfg.OUTPUT_DIR, 'robust_eval')}")
+    trainer.train()
+    return cfg, trainer.model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--output", default=os.path.join(REPO, "logs", "demo"))
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    ns = parser.parse_args(argv)
+    # fastreid's ToTensor uses TypedStorage; torch 2 warns once per loader worker and epoch.
+    warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+    try:
+        # Validate every stage before training any (later stages' MODEL.WEIGHTS come from the
+        # stage before, so they are checked without it).
+        for name, _, config_file in STAGES:
+            preflight(build_config(stage_args(config_file, os.path.join(ns.output, name), ns.opts,
+                                              None)))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    start = time.time()
+    reports, weights, timings = [], None, []
+    for name, label, config_file in STAGES:
+        args = stage_args(config_file, os.path.join(ns.output, name), ns.opts, weights)
+        stage_start = time.time()
+        cfg, model = run_stage(args)
+        reports.append(robust_report(cfg, model, label))
+        weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+        timings.append(f"{name} {(time.time() - stage_start) / 60:.1f}")
+
+    chance = reports[0]["datasets"][0]["chance"]
+    print(f"\nRobustReID demo on {cfg.DATASETS.TESTS[0]} ({cfg.MODEL.DEVICE}): "
+          f"{(time.time() - start) / 60:.1f} min ({', '.join(timings)} min)")
+    print(f"mAP/Rank-1 (%), white-box attacks on the {MAX_QUERIES} queries, gallery clean; "
+          f"chance {chance['mAP']:.1f}/{chance['Rank-1']:.1f}\n")
+    print("\n".join(papers_table(reports)))
+    print(f"\nreports and weights: {ns.output}/{{{','.join(s[0] for s in STAGES)}}}")
     return 0
 
 

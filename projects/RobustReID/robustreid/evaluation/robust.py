@@ -512,22 +512,28 @@ def _pair(result):
     return f"{result['mAP']:.1f}/{result['Rank-1']:.1f}"
 
 
+def papers_table(reports):
+    """The papers' layout: one row per model x dataset, "mAP/Rank-1" cells, one column per cell."""
+    rows = [(r["settings"].get("model", "model"), d) for r in reports for d in r["datasets"]]
+    labels = list(dict.fromkeys(c["label"] for _, d in rows for c in d["cells"]))
+    lines = ["| Model | Dataset | Clean | " + " | ".join(labels) + " |",
+             "|---|---|---|" + "---|" * len(labels)]
+    for model, d in rows:
+        by_label = {c["label"]: c for c in d["cells"]}
+        cells = [_pair(by_label[label]) if label in by_label else "" for label in labels]
+        lines.append(f"| {model} | {d['dataset']} | {_pair(d['clean'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def robust_markdown(report):
     """Papers' layout (rows = model x dataset, "mAP/Rank-1" cells) plus a table of every metric."""
-    model = report["settings"].get("model", "model")
     datasets = report["datasets"]
-    labels = list(dict.fromkeys(c["label"] for d in datasets for c in d["cells"]))
     attacked = datasets[0]["attacked"] if datasets else "query"
     protocol = ("queries attacked, gallery clean" if attacked == "query"
                 else "gallery attacked (AMA protocol), queries clean")
     lines = [f"mAP/Rank-1 (%); {protocol}; attack distance {report['settings'].get('distance')}, "
-             f"retrieval metric {datasets[0]['metric'] if datasets else '?'}.", "",
-             "| Model | Dataset | Clean | " + " | ".join(labels) + " |",
-             "|---|---|---|" + "---|" * len(labels)]
-    for d in datasets:
-        by_label = {c["label"]: c for c in d["cells"]}
-        row = [_pair(by_label[label]) if label in by_label else "" for label in labels]
-        lines.append(f"| {model} | {d['dataset']} | {_pair(d['clean'])} | " + " | ".join(row) + " |")
+             f"retrieval metric {datasets[0]['metric'] if datasets else '?'}.", ""]
+    lines += papers_table([report])
 
     lines += ["", "| Dataset | Setting | Rank-1 | Rank-5 | Rank-10 | mAP | mINP | "
               "per-ID mAP mean ± std | max L-inf (/255) | attack s |",
