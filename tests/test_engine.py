@@ -166,3 +166,19 @@ def test_two_process_gloo_training(tmp_path, datasets_root):
     distributed = torch.load(tmp_path / "results.pth", weights_only=True)
     for metric in ("Rank-1", "mAP", "mINP"):
         assert distributed[metric] == pytest.approx(expected[metric], abs=1e-6)
+
+
+def test_eval_only_refuses_weights_that_do_not_fit_the_config(tmp_path, datasets_root):
+    from fastreid.modeling.meta_arch import build_model
+
+    from robustreid.config import ConfigError
+    from robustreid.engine import preflight
+
+    cfg = make_tiny_cfg(tmp_path)
+    cfg.MODEL.HEADS.NUM_CLASSES = 12
+    torch.save({"model": build_model(cfg).state_dict()}, tmp_path / "r18.pth")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "r18.pth")
+    preflight(cfg, eval_only=True)  # fits
+    cfg.MODEL.BACKBONE.DEPTH = "34x"  # fastreid's checkpointer would only warn and skip
+    with pytest.raises(ConfigError, match="does not match the config"):
+        preflight(cfg, eval_only=True)

@@ -19,12 +19,10 @@ import os
 import sys
 import time
 
-import torch
-
 import robustreid  # noqa: F401  (compat patches + registrations)
 from robustreid.attacks import AttackConfigError, build_defense
 from robustreid.config import ConfigError, load_config
-from robustreid.engine import USER_ERRORS, RobustCheckpointer, RobustTrainer, preflight, setup
+from robustreid.engine import USER_ERRORS, RobustTrainer, preflight, setup
 from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
                                           check_attack_settings, robust_markdown, sanity_checks,
                                           sha256_of, write_report)
@@ -90,69 +88,13 @@ def parse_settings(ns):
     return settings
 
 
-def inference_tensor_names(model, cfg):
-    """State-dict keys the eval-mode features depend on: every buffer and every parameter that
-    receives a gradient (the identity classifier, sized by the training set, does not).
-    Raises RuntimeError when the model cannot run on a TEST-sized batch."""
-    height, width = cfg.INPUT.SIZE_TEST
-    model.eval()
-    model({"images": torch.full((2, 3, height, width), 128.0)}).sum().backward()
-    used = {name for name, p in model.named_parameters() if p.grad is not None}
-    return used | {name for name, _ in model.named_buffers()}
-
-
-def check_weights_fit(cfg):
-    """Refuse MODEL.WEIGHTS whose tensors do not fit the config's model (checked on CPU).
-
-    fastreid's checkpointer only warns about tensors whose shape differs (and skips them) or that
-    are missing, which would silently evaluate a partly random model.
-    """
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.BACKBONE.PRETRAIN = False
-    try:
-        model = RobustTrainer.build_model(cfg)
-    except (KeyError, AssertionError, ValueError) as e:  # registry names, inconsistent sizes
-        raise ConfigError(f"cannot build the model of {cfg.MODEL.META_ARCHITECTURE}: "
-                          f"{e.args[0] if e.args else e}") from None
-    checkpointer = RobustCheckpointer(model, weights_only=cfg.ROBUSTREID.WEIGHTS_ONLY)
-    try:
-        checkpoint = checkpointer._load_file(cfg.MODEL.WEIGHTS)
-    except Exception as e:  # torch.load raises many types for files that are not checkpoints
-        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} cannot be read: "
-                          f"{str(e).splitlines()[0]}") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} is not a fastreid checkpoint "
-                          f"(no 'model' state dict)")
-    incompatible = checkpointer._load_model(checkpoint)
-    try:
-        used, failure = inference_tensor_names(model, cfg), None
-    except RuntimeError as e:  # reported after the weights, the likelier cause
-        used, failure = None, str(e).splitlines()[0]
-    wrong = [(k, c, m) for k, c, m in incompatible.incorrect_shapes if used is None or k in used]
-    missing = [k for k in incompatible.missing_keys if used is None or k in used]
-    if wrong:
-        key, in_checkpoint, in_model = wrong[0]
-        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} does not match the config: {key} has "
-                          f"shape {in_checkpoint} in the checkpoint but {in_model} in the model "
-                          f"({len(wrong)} mismatching tensor(s))")
-    if missing:
-        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} does not match the config: {missing[0]} "
-                          f"is missing from the checkpoint ({len(missing)} missing tensor(s))")
-    if failure:
-        raise ConfigError(f"the model of {cfg.MODEL.META_ARCHITECTURE} / {cfg.MODEL.BACKBONE.NAME} "
-                          f"cannot run on INPUT.SIZE_TEST images: {failure}")
-
-
 def check_inputs(ns):
     """Every check that can fail, before any work (and printing nothing): (settings, cfg, defense)."""
     settings = parse_settings(ns)
     cfg = load_config(ns.config_file, ns.opts)
     if not cfg.MODEL.WEIGHTS:
         raise ConfigError("no weights to evaluate: pass MODEL.WEIGHTS /path/to/model_final.pth")
-    preflight(cfg, eval_only=True)  # weights file, datasets, images
-    check_weights_fit(cfg)
+    preflight(cfg, eval_only=True)  # weights file and fit, datasets, images
     defense = build_defense(settings["defense"], bpda=settings["bpda"]) if settings["defense"] else None
     return settings, cfg, defense
 

@@ -4,6 +4,8 @@ import os
 import torch
 from fastreid.utils.checkpoint import Checkpointer
 
+from ..config import ConfigError
+
 
 class WeightsNotFoundError(FileNotFoundError):
     """MODEL.WEIGHTS (or a --resume checkpoint) names a file that does not exist."""
@@ -31,3 +33,59 @@ class RobustCheckpointer(Checkpointer):
                     f"{f} holds Python objects that torch.load(weights_only=True) refuses; if you "
                     f"trust this file, set ROBUSTREID.WEIGHTS_ONLY False") from e
             raise
+
+
+def inference_tensor_names(model, cfg):
+    """State-dict keys the eval-mode features depend on: every buffer and every parameter that
+    receives a gradient (the identity classifier, sized by the training set, does not).
+    Raises RuntimeError when the model cannot run on a TEST-sized batch."""
+    height, width = cfg.INPUT.SIZE_TEST
+    model.eval()
+    model({"images": torch.full((2, 3, height, width), 128.0)}).sum().backward()
+    used = {name for name, p in model.named_parameters() if p.grad is not None}
+    return used | {name for name, _ in model.named_buffers()}
+
+
+def check_weights_fit(cfg):
+    """Refuse MODEL.WEIGHTS whose tensors do not fit the config's model (checked on CPU).
+
+    fastreid's checkpointer only warns about tensors whose shape differs (and skips them) or that
+    are missing, which would silently evaluate a partly random model.
+    """
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.BACKBONE.PRETRAIN = False
+    from fastreid.modeling.meta_arch import build_model
+    try:
+        model = build_model(cfg)
+    except (KeyError, AssertionError, ValueError) as e:  # registry names, inconsistent sizes
+        raise ConfigError(f"cannot build the model of {cfg.MODEL.META_ARCHITECTURE}: "
+                          f"{e.args[0] if e.args else e}") from None
+    checkpointer = RobustCheckpointer(model, weights_only=cfg.ROBUSTREID.WEIGHTS_ONLY)
+    try:
+        checkpoint = checkpointer._load_file(cfg.MODEL.WEIGHTS)
+    except Exception as e:  # torch.load raises many types for files that are not checkpoints
+        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} cannot be read: "
+                          f"{str(e).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} is not a fastreid checkpoint "
+                          f"(no 'model' state dict)")
+    incompatible = checkpointer._load_model(checkpoint)
+    try:
+        used, failure = inference_tensor_names(model, cfg), None
+    except RuntimeError as e:  # reported after the weights, the likelier cause
+        used, failure = None, str(e).splitlines()[0]
+    wrong = [(k, c, m) for k, c, m in incompatible.incorrect_shapes if used is None or k in used]
+    missing = [k for k in incompatible.missing_keys if used is None or k in used]
+    if wrong:
+        key, in_checkpoint, in_model = wrong[0]
+        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} does not match the config: {key} has "
+                          f"shape {in_checkpoint} in the checkpoint but {in_model} in the model "
+                          f"({len(wrong)} mismatching tensor(s))")
+    if missing:
+        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} does not match the config: {missing[0]} "
+                          f"is missing from the checkpoint ({len(missing)} missing tensor(s))")
+    if failure:
+        raise ConfigError(f"the model of {cfg.MODEL.META_ARCHITECTURE} / {cfg.MODEL.BACKBONE.NAME} "
+                          f"cannot run on INPUT.SIZE_TEST images: {failure}")

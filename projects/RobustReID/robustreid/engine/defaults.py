@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError, load_config
 from ..data.validation import DatasetError, build_dataset, check_datasets
-from .checkpoint import RobustCheckpointer, WeightsNotFoundError
+from .checkpoint import RobustCheckpointer, WeightsNotFoundError, check_weights_fit
 from .hooks import SyncBufferStats
 from .train_steps import PhasedTrainer, build_batch_phases
 
@@ -63,6 +63,8 @@ def build_config(args):
 def preflight(cfg, eval_only=False):
     """Every input check that can fail, before training starts: weights, datasets, images."""
     check_weights(cfg, eval_only=eval_only)
+    if cfg.MODEL.WEIGHTS:
+        check_weights_fit(cfg)  # fastreid only warns and skips mismatching tensors
     train_names = () if eval_only else cfg.DATASETS.NAMES
     check_datasets(train_names, cfg.DATASETS.TESTS, verify=cfg.DATALOADER.VERIFY_IMAGES)
     if cfg.TEST.ROBUST.ENABLED:
