@@ -110,6 +110,28 @@ def test_attacking_the_gallery_keeps_the_queries_clean(trained):
     assert fna["within_budget"] and fna["mAP"] < result["clean"]["mAP"]
 
 
+def test_transfer_attack_from_a_surrogate(trained, evaluator):
+    from fastreid.modeling.meta_arch import build_model
+
+    from robustreid.attacks import ReidFeatureExtractor
+    from robustreid.evaluation.robust import RobustEvaluator
+
+    cfg, model, _ = trained
+    white_box = evaluator.evaluate_cell(cell("FNA", 8))
+    # The target itself as the surrogate: exactly the white-box attack.
+    same = RobustEvaluator(cfg, model, "SynthReIDTiny", progress=False,
+                           surrogate=ReidFeatureExtractor(model))
+    transferred = same.evaluate_cell(cell("FNA", 8))
+    assert transferred["transfer"] and numbers(transferred) == numbers(white_box)
+    # An untrained surrogate's examples transfer far worse than the white-box ones.
+    torch.manual_seed(1)
+    stranger = build_model(cfg).eval()
+    other = RobustEvaluator(cfg, model, "SynthReIDTiny", progress=False,
+                            surrogate=ReidFeatureExtractor(stranger))
+    black_box = other.evaluate_cell(cell("FNA", 8))
+    assert black_box["within_budget"] and black_box["mAP"] > white_box["mAP"]
+
+
 def test_defended_model_with_eot_and_bpda(trained):
     from robustreid.attacks import build_defense
     from robustreid.evaluation.robust import RobustEvaluator

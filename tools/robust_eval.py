@@ -4,11 +4,13 @@
     python tools/robust_eval.py --config-file CFG MODEL.WEIGHTS model.pth [KEY VALUE ...]
         [--attacks FNA,SMA,IFGSM] [--eps 8,10] [--steps 16] [--distance euclidean]
         [--attack-gallery] [--eot N] [--defense NAME [--bpda]] [--max-queries N]
+        [--surrogate-config CFG --surrogate-weights W]
         [--output DIR] [--sanity]
 
 Budgets are L-inf in 1/255 units ("8" is 8/255). Each attack x eps x steps cell attacks the queries
 (guide set: the query set) and ranks them against the clean gallery (DDDefense / Bouniot protocol);
---attack-gallery attacks the gallery instead (AMA protocol). Writes results.json, results.md,
+--attack-gallery attacks the gallery instead (AMA protocol); --surrogate-* crafts the attacks on
+another model and evaluates them on this one (transfer / black-box). Writes results.json, results.md,
 mAP_vs_eps.png and per_identity_map.png to DIR (default OUTPUT_DIR/robust_eval) and prints the
 "mAP/Rank-1" table. --sanity also runs the evaluation's self-checks (eps 0 = clean, budgets,
 monotonicity, attacks beat random noise, a huge budget reaches chance, determinism), prints
@@ -20,9 +22,10 @@ import sys
 import time
 
 import robustreid  # noqa: F401  (compat patches + registrations)
-from robustreid.attacks import AttackConfigError, build_defense
+from robustreid.attacks import AttackConfigError, build_defense, build_surrogate_extractor
 from robustreid.config import ConfigError, load_config
-from robustreid.engine import USER_ERRORS, RobustTrainer, preflight, setup
+from robustreid.engine import (USER_ERRORS, RobustTrainer, check_weights, check_weights_fit,
+                               preflight, setup)
 from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
                                           check_attack_settings, robust_markdown, sanity_checks,
                                           sha256_of, write_report)
@@ -51,6 +54,9 @@ def build_parser():
     parser.add_argument("--eot", default="1", help="EOT gradient samples per attack step")
     parser.add_argument("--defense", default="", help="input-transformation defense name")
     parser.add_argument("--bpda", action="store_true", help="attack the defense through BPDA")
+    parser.add_argument("--surrogate-config", default="", metavar="FILE",
+                        help="transfer attack: craft on this config's model (with --surrogate-weights)")
+    parser.add_argument("--surrogate-weights", default="", metavar="FILE")
     parser.add_argument("--max-queries", default="0", help="attack a seeded subset (0 = all)")
     parser.add_argument("--output", default="", help="default: OUTPUT_DIR/robust_eval")
     parser.add_argument("--sanity", action="store_true", help="run the self-checks too")
@@ -80,11 +86,14 @@ def parse_settings(ns):
         eps=_numbers(ns.eps, "--eps", float), steps=_numbers(ns.steps, "--steps", int),
         distance=ns.distance, eot=_numbers(ns.eot, "--eot", int)[0],
         max_queries=_numbers(ns.max_queries, "--max-queries", int, minimum=0)[0],
-        defense=ns.defense or None, bpda=ns.bpda, attack_gallery=ns.attack_gallery)
+        defense=ns.defense or None, bpda=ns.bpda, attack_gallery=ns.attack_gallery,
+        surrogate_config=ns.surrogate_config or None, surrogate_weights=ns.surrogate_weights or None)
     check_attack_settings(settings["attacks"], settings["eps"], settings["steps"], ns.distance,
                           settings["eot"], OPTION_NAMES)
     if ns.bpda and not ns.defense:
         raise ConfigError("--bpda needs --defense NAME")
+    if bool(ns.surrogate_config) != bool(ns.surrogate_weights):
+        raise ConfigError("a transfer attack needs both --surrogate-config and --surrogate-weights")
     return settings
 
 
@@ -95,6 +104,11 @@ def check_inputs(ns):
     if not cfg.MODEL.WEIGHTS:
         raise ConfigError("no weights to evaluate: pass MODEL.WEIGHTS /path/to/model_final.pth")
     preflight(cfg, eval_only=True)  # weights file and fit, datasets, images
+    if settings["surrogate_config"]:
+        surrogate_cfg = load_config(settings["surrogate_config"],
+                                    ["MODEL.WEIGHTS", settings["surrogate_weights"]])
+        check_weights(surrogate_cfg)
+        check_weights_fit(surrogate_cfg)
     defense = build_defense(settings["defense"], bpda=settings["bpda"]) if settings["defense"] else None
     return settings, cfg, defense
 
@@ -106,6 +120,8 @@ def run(ns, settings, checked_cfg, defense):
     cfg = setup(argparse.Namespace(config_file=ns.config_file, eval_only=True,
                                    opts=[*ns.opts, "OUTPUT_DIR", output]))
     model = RobustTrainer.load_for_eval(cfg)
+    surrogate = (build_surrogate_extractor(settings["surrogate_config"], settings["surrogate_weights"])
+                 if settings["surrogate_config"] else None)
     seed = max(cfg.ROBUSTREID.SEED, 0)
     cells = attack_grid(settings["attacks"], settings["eps"], settings["steps"])
     start = time.perf_counter()
@@ -114,7 +130,7 @@ def run(ns, settings, checked_cfg, defense):
         evaluator = RobustEvaluator(
             cfg, model, name, distance=settings["distance"], max_queries=settings["max_queries"],
             attack_gallery=settings["attack_gallery"], eot_samples=settings["eot"], defense=defense,
-            seed=seed, strict_budget=not ns.sanity)
+            seed=seed, strict_budget=not ns.sanity, surrogate=surrogate)
         result = evaluator.run(cells)
         if ns.sanity:
             dataset_checks, extra = sanity_checks(evaluator, result)

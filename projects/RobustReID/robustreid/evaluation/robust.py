@@ -182,11 +182,16 @@ class RobustEvaluator:
     ``evaluate_clean()`` extracts the clean query/gallery features (once); ``evaluate_cell(cell)``
     attacks the query set (or the gallery with ``attack_gallery``) and scores it against the clean
     other side; ``run(cells)`` does both for a whole grid and adds the chance level.
+
+    ``surrogate`` (a ReidFeatureExtractor of another model, see
+    ``robustreid.attacks.build_surrogate_extractor``) makes every attack a transfer (black-box)
+    attack: crafted on the surrogate, with the surrogate's clean features as the guide set, and
+    evaluated on this model.
     """
 
     def __init__(self, cfg, model, dataset_name, *, distance="euclidean", max_queries=0,
                  attack_gallery=False, eot_samples=1, defense=None, seed=0, strict_budget=True,
-                 progress=True):
+                 progress=True, surrogate=None):
         self.cfg = cfg
         self.model = unwrap(model)
         self.dataset_name = dataset_name
@@ -201,6 +206,9 @@ class RobustEvaluator:
         if defense is not None:
             defense = defense.to(self.device)
         self.extractor = ReidFeatureExtractor(self.model, defense=defense)
+        self.surrogate = surrogate
+        self.attack_extractor = surrogate if surrogate is not None else self.extractor
+        self._guide_features = None  # the attack model's clean features of the attacked split
         skipped = [k for k in ("FLIP", "AQE", "RERANK") if cfg.TEST[k].ENABLED]
         if skipped:
             logger.warning("TEST.%s not applied by the robust evaluation (plain %s retrieval)",
@@ -232,9 +240,20 @@ class RobustEvaluator:
         return batch["images"].to(self.device, torch.float32) / 255.0
 
     @torch.no_grad()
-    def _clean_features(self, split):
-        feats = [self.extractor(self._x01(batch)).float().cpu() for batch in self._loader(split)]
+    def _clean_features(self, split, extractor=None):
+        extractor = extractor or self.extractor
+        feats = [extractor(self._x01(batch)).float().cpu() for batch in self._loader(split)]
         return torch.cat(feats)
+
+    def guide_features(self):
+        """Clean features of the attacked split in the attack model's space (the guide set A)."""
+        if self._guide_features is None:
+            if self.surrogate is None:
+                self._guide_features = self.attacked.features
+            else:
+                with self.surrogate.frozen_eval():
+                    self._guide_features = self._clean_features(self.attacked, self.surrogate)
+        return self._guide_features
 
     def _score(self, q_feats, g_feats):
         chunk, use_gpu, backend = _faiss_options(self.cfg)
@@ -265,7 +284,7 @@ class RobustEvaluator:
         torch.manual_seed(self.seed)
 
     def build_cell_attack(self, cell, **attack_kwargs):
-        attack = build_attack(cell.attack, self.extractor, eps=cell.eps, steps=cell.steps,
+        attack = build_attack(cell.attack, self.attack_extractor, eps=cell.eps, steps=cell.steps,
                               distance=self.distance, **attack_kwargs)
         if self.eot_samples > 1:
             attack = EOTAttack(attack, self.eot_samples)
@@ -278,7 +297,8 @@ class RobustEvaluator:
     def _adversarial_features(self, attack, cell):
         """Features of the attacked split under ``attack``, and the largest L-inf change seen."""
         split = self.attacked
-        guides = GuideSet(split.features.to(self.device), torch.as_tensor(split.pids).to(self.device))
+        guides = GuideSet(self.guide_features().to(self.device),
+                          torch.as_tensor(split.pids).to(self.device))
         bound = cell.eps / 255.0 + 1e-6
         feats, max_linf, in_range, offset = [], 0.0, True, 0
         batches = tqdm(self._loader(split), desc=f"{self.dataset_name} {cell.label}", unit="batch",
@@ -302,8 +322,9 @@ class RobustEvaluator:
     def evaluate_attack(self, attack, cell):
         """Metrics with the attacked split perturbed by any object with ``perturb(x01, pids, ...)``."""
         self.evaluate_clean()
+        self.guide_features()
         start = time.perf_counter()
-        with self.extractor.frozen_eval():
+        with self.extractor.frozen_eval(), self.attack_extractor.frozen_eval():
             self._seed()
             adv_feats, max_linf, in_range = self._adversarial_features(attack, cell)
         attack_seconds = time.perf_counter() - start
@@ -315,7 +336,7 @@ class RobustEvaluator:
             "key": cell.key, "label": cell.label, "attack": cell.attack, "eps": cell.eps,
             "steps": cell.steps, "step_size_255": getattr(attack, "step_size", None),
             "distance": getattr(attack, "distance", self.distance),
-            "eot_samples": getattr(attack, "eot_samples", 1),
+            "eot_samples": getattr(attack, "eot_samples", 1), "transfer": self.surrogate is not None,
             "max_linf_255": max_linf * 255, "pixels_in_range": in_range,
             "within_budget": in_range and max_linf <= cell.eps / 255.0 + 1e-6,
             "seconds": {"attack": attack_seconds,
@@ -531,6 +552,9 @@ def robust_markdown(report):
     attacked = datasets[0]["attacked"] if datasets else "query"
     protocol = ("queries attacked, gallery clean" if attacked == "query"
                 else "gallery attacked (AMA protocol), queries clean")
+    surrogate = report["settings"].get("surrogate_config")
+    if surrogate:
+        protocol += f"; transfer (black-box) attacks crafted on {os.path.basename(surrogate)}"
     lines = [f"mAP/Rank-1 (%); {protocol}; attack distance {report['settings'].get('distance')}, "
              f"retrieval metric {datasets[0]['metric'] if datasets else '?'}.", ""]
     lines += papers_table([report])
