@@ -105,7 +105,7 @@ class RobustTrainer(DefaultTrainer):
                 model, device_ids=[comm.get_local_rank()] if on_gpu else None,
                 broadcast_buffers=False)
 
-        grad_scaler = torch.cuda.amp.GradScaler() if cfg.SOLVER.AMP.ENABLED else None
+        grad_scaler = torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP.ENABLED else None
         self._trainer = PhasedTrainer(model, data_loader, optimizer, param_wrapper,
                                       build_batch_phases(cfg), grad_scaler)
 
