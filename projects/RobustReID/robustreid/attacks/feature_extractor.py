@@ -5,6 +5,7 @@ import contextlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from fastreid.layers.any_softmax import Linear as LinearClassifier
 
 from .validation import AttackConfigError
@@ -29,7 +30,9 @@ class ReidFeatureExtractor(nn.Module):
 
     def __init__(self, model, defense=None):
         super().__init__()
-        self.model = model
+        # The module inside DistributedDataParallel: attack forwards/backwards must not trigger
+        # DDP's gradient synchronisation.
+        self.model = model.module if isinstance(model, DistributedDataParallel) else model
         self.defense = defense
         self._frozen = False
 

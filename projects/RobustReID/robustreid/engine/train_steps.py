@@ -11,14 +11,8 @@ import time
 import torch
 from fastreid.engine.train_loop import SimpleTrainer
 from fastreid.utils.events import get_event_storage
-from torch.nn.parallel import DistributedDataParallel
 
 from ..attacks import GuideSet, ReidFeatureExtractor, build_attack
-
-
-def unwrap(model):
-    """The module inside DDP (attacks must not trigger DDP's gradient synchronisation)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class MetricAdversarialBatch:
@@ -49,7 +43,7 @@ class MetricAdversarialBatch:
         return cls(adv.ATTACK, adv.EPS, adv.STEPS, adv.STEP_SIZE, adv.DISTANCE, adv.INCLUDE_CLEAN)
 
     def __call__(self, model, batch):
-        extractor = ReidFeatureExtractor(unwrap(model))
+        extractor = ReidFeatureExtractor(model)
         attack = build_attack(self.attack_name, extractor, eps=self.eps, steps=self.steps,
                               step_size=self.step_size, distance=self.distance)
         images01 = batch["images"].div(255.0)  # loader images are in [0, 255]

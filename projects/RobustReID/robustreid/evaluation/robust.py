@@ -171,11 +171,6 @@ def select_queries(items, max_queries, seed):
     return [items[i] for i in keep]
 
 
-def unwrap(model):
-    """The module inside DistributedDataParallel (robust evaluation runs on one process)."""
-    return getattr(model, "module", model)
-
-
 class RobustEvaluator:
     """Clean and attacked retrieval metrics of one model on one test dataset.
 
@@ -193,7 +188,8 @@ class RobustEvaluator:
                  attack_gallery=False, eot_samples=1, defense=None, seed=0, strict_budget=True,
                  progress=True, surrogate=None):
         self.cfg = cfg
-        self.model = unwrap(model)
+        self.extractor = ReidFeatureExtractor(model, defense=defense)
+        self.model = self.extractor.model  # DDP unwrapped: robust evaluation runs on one process
         self.dataset_name = dataset_name
         self.distance = distance
         self.attack_gallery = attack_gallery
@@ -204,8 +200,7 @@ class RobustEvaluator:
         self.metric = cfg.TEST.METRIC
         self.device = next(self.model.parameters()).device
         if defense is not None:
-            defense = defense.to(self.device)
-        self.extractor = ReidFeatureExtractor(self.model, defense=defense)
+            defense.to(self.device)
         self.surrogate = surrogate
         self.attack_extractor = surrogate if surrogate is not None else self.extractor
         self._guide_features = None  # the attack model's clean features of the attacked split
