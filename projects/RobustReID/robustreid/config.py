@@ -3,6 +3,7 @@
 Call :func:`add_robustreid_config` on a fastreid ``get_cfg()`` before ``merge_from_file``; unknown keys
 in a yml still raise, so typos are caught before training starts.
 """
+import contextlib
 import os
 
 from fastreid.config import CfgNode as CN
@@ -84,6 +85,19 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; the message names the file, key or value at fault."""
 
 
+@contextlib.contextmanager
+def _config_errors(where):
+    """yacs/fastreid merge failures as one ConfigError prefixed with the file (or option) at fault."""
+    try:
+        yield
+    except KeyError as e:  # unknown key: yacs puts the full key name in the message
+        raise ConfigError(f"{where}: {e.args[0]}") from None
+    except FileNotFoundError as e:
+        raise ConfigError(f"{where}: _BASE_ file not found: {e.filename}") from None
+    except (ValueError, TypeError, AssertionError) as e:  # bad value or type
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def load_config(config_file="", opts=()):
     """fastreid's get_cfg() + RobustReID's keys + a yml (with _BASE_) + KEY VALUE overrides.
 
@@ -95,21 +109,11 @@ def load_config(config_file="", opts=()):
     if config_file:
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file not found: {config_file}")
-        try:
+        with _config_errors(config_file):
             cfg.merge_from_file(config_file)
-        except KeyError as e:
-            raise ConfigError(f"{config_file}: {e.args[0]}") from None
-        except FileNotFoundError as e:
-            raise ConfigError(f"{config_file}: _BASE_ file not found: {e.filename}") from None
-        except (ValueError, TypeError, AssertionError) as e:
-            raise ConfigError(f"{config_file}: {e}") from None
     opts = list(opts or [])
     if len(opts) % 2:
         raise ConfigError(f"command-line options must be KEY VALUE pairs, got an odd list: {opts}")
-    try:
+    with _config_errors("command-line option"):
         cfg.merge_from_list(opts)
-    except KeyError as e:
-        raise ConfigError(f"command-line option: {e.args[0]}") from None
-    except (ValueError, TypeError, AssertionError) as e:
-        raise ConfigError(f"command-line option: {e}") from None
     return cfg
