@@ -18,7 +18,6 @@ Not applied here: TEST.FLIP, TEST.AQE and TEST.RERANK (plain retrieval with TEST
 import hashlib
 import json
 import logging
-import numbers
 import os
 import platform
 import time
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 from ..attacks import (DISTANCES, AttackConfigError, EOTAttack, GuideSet, ReidFeatureExtractor,
                        build_attack, eps_from_255, registered_attacks)
+from ..attacks.validation import check_choice, positive_int
 from ..config import ConfigError
 from ..data.validation import build_dataset
 from .faiss_evaluator import _faiss_options
@@ -94,21 +94,19 @@ def check_attack_settings(attacks, eps_values, steps_values, distance, eot_sampl
     if not attacks or unknown:
         raise ConfigError(f"{names['attacks']}: unknown attack(s) {unknown or list(attacks)}; "
                           f"registered: {', '.join(known)}")
-    try:
-        for eps in eps_values:
-            eps_from_255(eps)
-    except AttackConfigError as e:
-        raise ConfigError(f"{names['eps']}: {e}") from None
-    if not eps_values:
-        raise ConfigError(f"{names['eps']} is empty")
-    if not steps_values or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1
-                               for s in steps_values):
-        raise ConfigError(f"{names['steps']} must be positive integers, got {list(steps_values)}")
-    if distance not in DISTANCES:
-        raise ConfigError(f"{names['distance']} must be one of {list(DISTANCES)}, got {distance!r}")
-    if (isinstance(eot_samples, bool) or not isinstance(eot_samples, numbers.Integral)
-            or eot_samples < 1):
-        raise ConfigError(f"{names['eot']} must be a positive integer, got {eot_samples!r}")
+    def check_each(setting, check, values):
+        if not values:
+            raise ConfigError(f"{names[setting]} is empty")
+        try:
+            for value in values:
+                check(value)
+        except AttackConfigError as e:
+            raise ConfigError(f"{names[setting]}: {e}") from None
+
+    check_each("eps", eps_from_255, eps_values)
+    check_each("steps", lambda s: positive_int(s, "steps"), steps_values)
+    check_each("distance", lambda d: check_choice(d, DISTANCES, "distance"), [distance])
+    check_each("eot", lambda n: positive_int(n, "EOT samples"), [eot_samples])
 
 
 def chance_level(q_pids, g_pids, q_camids, g_camids, draws=5, seed=0):
