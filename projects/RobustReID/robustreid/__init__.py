@@ -7,7 +7,7 @@ from . import compat
 
 compat.apply()
 
-from . import attacks, data, evaluation  # noqa: E402,F401  (registration side effects)
+from . import attacks, data, evaluation, modeling  # noqa: E402,F401  (registration side effects)
 from .config import add_robustreid_config  # noqa: E402,F401
 
 __version__ = "0.1.0"

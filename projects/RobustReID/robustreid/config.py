@@ -63,6 +63,9 @@ def add_robustreid_config(cfg):
     cfg.TEST.ROBUST.ATTACK_GALLERY = False
     # Expectation over transformation: gradient samples per step (for randomized defenses).
     cfg.TEST.ROBUST.EOT_SAMPLES = 1
+    # Robust model selection: after each evaluation where this results key exists (e.g.
+    # "FNA_8_16/mAP"), keep the best checkpoint as OUTPUT_DIR/model_best_robust.pth; "" = off.
+    cfg.TEST.ROBUST.BEST_METRIC = ""
 
     # Online metric adversarial training (engine/train_steps.py: MetricAdversarialBatch).
     # Defaults: DDDefense's supplementary (FNA, 5/255, 8 iterations, Euclidean).
@@ -75,6 +78,37 @@ def add_robustreid_config(cfg):
     cfg.ADV_TRAIN.DISTANCE = "euclidean"  # or "cosine"
     # True: train on clean + adversarial images; False: adversarial only (Bouniot et al.'s Adv_train).
     cfg.ADV_TRAIN.INCLUDE_CLEAN = True
+
+    # FNES, farthest negative extension softening (DDDefense eq. 4; supplementary values). Needs
+    # MODEL.META_ARCHITECTURE RobustBaseline (soft labels in the classification loss).
+    cfg.ADV_TRAIN.FNES = CN()
+    cfg.ADV_TRAIN.FNES.ENABLED = False
+    cfg.ADV_TRAIN.FNES.GAMMA = 1.5               # perturbation scaling gamma >= 1
+    cfg.ADV_TRAIN.FNES.OMEGA_RANGE = (0.3, 0.8)  # omega ~ U(a, b), drawn per sample
+    cfg.ADV_TRAIN.FNES.LAMBDA1 = 0.9             # phi(y, lambda1): as the clean CE smoothing
+    cfg.ADV_TRAIN.FNES.LAMBDA2 = 0.95            # phi(y, lambda2) before tau
+    cfg.ADV_TRAIN.FNES.V = 0.01                  # label mass tau moves to the farthest negative
+
+    # Adversarially-enhanced learning: feature discriminator D (DDDefense eq. 6-8, supplementary).
+    cfg.ADV_TRAIN.DISCRIMINATOR = CN()
+    cfg.ADV_TRAIN.DISCRIMINATOR.ENABLED = False
+    cfg.ADV_TRAIN.DISCRIMINATOR.HIDDEN_DIMS = (512, 256)  # MLP; the paper does not specify D
+    cfg.ADV_TRAIN.DISCRIMINATOR.LOSS_WEIGHT = 0.001       # scale of the encoder's L_E
+    cfg.ADV_TRAIN.DISCRIMINATOR.BASE_LR = 0.0             # 0 = SOLVER.BASE_LR ("as the model")
+    cfg.ADV_TRAIN.DISCRIMINATOR.WEIGHT_DECAY = 0.0005
+    cfg.ADV_TRAIN.DISCRIMINATOR.GAMMA = 0.5               # LR decay at SOLVER.STEPS epochs
+
+    # Self-meta learning (DDDefense eq. 9-13): meta-train / meta-test split of each batch by
+    # identity, one functional inner step, outer update on L_meta-train + L_meta-test.
+    cfg.META_LEARNING = CN()
+    cfg.META_LEARNING.ENABLED = False
+    cfg.META_LEARNING.TEST_FRACTION = 0.25  # meta-train : meta-test = 3 : 1 identities
+    cfg.META_LEARNING.INNER_LR = 0.0        # alpha of eq. 9; 0 = the current learning rate
+    cfg.META_LEARNING.FIRST_ORDER = False   # True drops the second-order term (faster)
+
+    from .modeling.backbones.apnet import add_apnet_config  # keys live beside the backbone
+
+    add_apnet_config(cfg)
 
     if frozen:
         cfg.freeze()

@@ -70,12 +70,22 @@ class GuideSet:
                            device=self.features.device).index_add_(0, inverse, self.features)
         return ids, sums / counts[:, None]
 
+    def _farthest(self, clean_features, pids, distance):
+        ids, centroids = self.centroids
+        other = pids.to(ids.device)[:, None] != ids[None, :]
+        dist = pairwise_distance(clean_features, centroids, distance)
+        return dist.masked_fill(~other, float("-inf")).argmax(1), other.any(1)
+
     def farthest_centroids(self, clean_features, pids, distance):
         """For each sample, the centroid of the other identity farthest from its clean feature (B, D)
         and has_far (B,): 1.0 where another identity exists, else 0.0 (its centroid row is then
         arbitrary and must be ignored)."""
-        ids, centroids = self.centroids
-        other = pids.to(ids.device)[:, None] != ids[None, :]
-        dist = pairwise_distance(clean_features, centroids, distance)
-        far = dist.masked_fill(~other, float("-inf")).argmax(1)
-        return centroids[far], other.any(1).to(centroids.dtype)
+        far, has_far = self._farthest(clean_features, pids, distance)
+        centroids = self.centroids[1]
+        return centroids[far], has_far.to(centroids.dtype)
+
+    def farthest_identities(self, clean_features, pids, distance):
+        """The identity FNA pulls each sample toward (the N of eq. 3) (B,), and has_far (B,) bool
+        (False where the guide set holds no other identity; the id is then arbitrary)."""
+        far, has_far = self._farthest(clean_features, pids, distance)
+        return self.centroids[0][far], has_far

@@ -21,8 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import ConfigError, load_config
 from ..data.validation import DatasetError, build_dataset, check_datasets
 from .checkpoint import RobustCheckpointer, WeightsNotFoundError, check_weights_fit
-from .hooks import SyncBufferStats
-from .train_steps import PhasedTrainer, build_batch_phases
+from .hooks import StepSchedulerEachEpoch, SyncBufferStats
+from .model_selection import BestMetricCheckpoint
+from .train_steps import PhasedTrainer, TrainingObjective, build_batch_phases, check_training_config
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ def preflight(cfg, eval_only=False):
     check_weights(cfg, eval_only=eval_only)
     if cfg.MODEL.WEIGHTS:
         check_weights_fit(cfg)  # fastreid only warns and skips mismatching tensors
+    if not eval_only:
+        check_training_config(cfg)
     train_names = () if eval_only else cfg.DATASETS.NAMES
     check_datasets(train_names, cfg.DATASETS.TESTS, verify=cfg.DATALOADER.VERIFY_IMAGES)
     if cfg.TEST.ROBUST.ENABLED:
@@ -86,12 +89,14 @@ def setup(args):
 class RobustTrainer(DefaultTrainer):
     """fastreid's DefaultTrainer with RobustReID's evaluator, checkpointer and CPU/GPU-neutral DDP.
 
-    Extension points for later methods: ``extra_checkpointables()`` returns further objects with a
-    state_dict (discriminators, memories, their optimizers/schedulers) to save and restore.
+    The training step's extra trainable parts (the feature discriminator with its optimizer and
+    scheduler, ...) come from ``TrainingObjective`` and are saved and restored by the checkpointer
+    with the model; ``extra_checkpointables()`` is the hook for subclasses to add more.
     """
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
+        check_training_config(cfg)
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)  # also when used without default_setup
         data_loader = self.build_train_loader(cfg)
@@ -106,8 +111,10 @@ class RobustTrainer(DefaultTrainer):
                 broadcast_buffers=False)
 
         grad_scaler = torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP.ENABLED else None
+        self.objective = TrainingObjective.from_config(cfg, next(model.parameters()).device)
         self._trainer = PhasedTrainer(model, data_loader, optimizer, param_wrapper,
-                                      build_batch_phases(cfg), grad_scaler)
+                                      build_batch_phases(cfg), self.objective, grad_scaler)
+        self.best_robust = BestMetricCheckpoint(cfg.TEST.ROBUST.BEST_METRIC)
 
         self.iters_per_epoch = len(data_loader.dataset) // cfg.SOLVER.IMS_PER_BATCH
         if self.iters_per_epoch == 0:
@@ -117,6 +124,7 @@ class RobustTrainer(DefaultTrainer):
         self.checkpointer = RobustCheckpointer(
             model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
             weights_only=cfg.ROBUSTREID.WEIGHTS_ONLY, optimizer=optimizer, **self.scheduler,
+            **self.objective.checkpointables(), best_robust=self.best_robust,
             **self.extra_checkpointables())
 
         self.start_epoch = 0
@@ -135,6 +143,8 @@ class RobustTrainer(DefaultTrainer):
         hooks = super().build_hooks()
         if comm.get_world_size() > 1:
             hooks.insert(0, SyncBufferStats())  # first, so evaluation and checkpoint see it
+        if self.objective.adversary is not None:
+            hooks.insert(0, StepSchedulerEachEpoch(self.objective.adversary.scheduler))
         # fastreid's EvalHook calls test() without the epoch; ours tells it whether the robust
         # evaluation (TEST.ROBUST.PERIOD) is due, so both land in one results dict.
         return [fastreid_hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_and_save_results)
@@ -147,6 +157,8 @@ class RobustTrainer(DefaultTrainer):
 
     def _test_and_save_results(self):
         self._last_eval_results = self.test(self.cfg, self.model, robust=self._robust_due())
+        if comm.is_main_process():
+            self.best_robust.update(self._last_eval_results, self.checkpointer, self.epoch)
         return self._last_eval_results
 
     @classmethod

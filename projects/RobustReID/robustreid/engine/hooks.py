@@ -1,8 +1,8 @@
 """Training hooks RobustReID adds to fastreid's defaults."""
 import torch
-import torch.distributed as dist
 from fastreid.engine.hooks import HookBase
-from fastreid.utils import comm
+
+from .distributed import mean_across_ranks
 
 
 def average_buffers_across_ranks(model):
@@ -11,13 +11,7 @@ def average_buffers_across_ranks(model):
     DDP is built with broadcast_buffers=False, so each rank's BN statistics drift apart; averaging
     them before evaluation and checkpointing gives every rank the same model, as on one process.
     """
-    world_size = comm.get_world_size()
-    if world_size == 1:
-        return
-    for buffer in model.buffers():
-        if torch.is_floating_point(buffer):
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-            buffer.div_(world_size)
+    mean_across_ranks([b for b in model.buffers() if torch.is_floating_point(b)])
 
 
 class SyncBufferStats(HookBase):
@@ -25,3 +19,14 @@ class SyncBufferStats(HookBase):
 
     def after_epoch(self):
         average_buffers_across_ranks(self.trainer.model)
+
+
+class StepSchedulerEachEpoch(HookBase):
+    """Steps an epoch-based LR scheduler of a trainable part outside the model (e.g. the feature
+    discriminator's) at each epoch end, as fastreid's LRScheduler hook does for the model's."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def after_epoch(self):
+        self.scheduler.step()

@@ -1,46 +1,74 @@
-"""The training step as a short pipeline of named phases.
+"""The training step as a short pipeline of named parts.
 
 fastreid's SimpleTrainer does "load batch -> forward -> backward -> step". Robust methods insert
-phases between loading and the model update (craft adversarial examples, update a discriminator,
-...). ``PhasedTrainer`` runs ``batch_phases`` in order, times each one into the event storage
-(``time/<phase>``, so attack cost never hides in fastreid's ``data_time``), then does fastreid's
-update, with AMP when a grad scaler is given.
+work between loading and the update (craft adversarial examples, update a discriminator, split the
+batch for meta-learning). ``PhasedTrainer`` runs ``batch_phases`` in order (each times itself into
+the event storage as ``time/<phase>``, so attack cost never hides in fastreid's ``data_time``),
+then asks its ``objective`` for the loss dict, and does fastreid's update, with AMP when a grad
+scaler is given. Every method is a set of config switches choosing phases and objective parts:
+
+================================  ===============================================================
+ADV_TRAIN.ENABLED                 MetricAdversarialBatch (Metric AT; Adv_train; AT_PGD with PGD)
+ADV_TRAIN.FNES.ENABLED            FNES images and soft labels in that phase (eq. 4)
+ADV_TRAIN.DISCRIMINATOR.ENABLED   FeatureAdversary: D update + the encoder's L_E (eq. 6-8)
+META_LEARNING.ENABLED             self-meta learning: the objective becomes eq. 13
+================================  ===============================================================
+
+With every switch off the step is fastreid's, bit for bit.
 """
 import time
 
 import torch
 from fastreid.engine.train_loop import SimpleTrainer
 from fastreid.utils.events import get_event_storage
+from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
 
 from ..attacks import GuideSet, ReidFeatureExtractor, build_attack
+from ..config import ConfigError
+from ..modeling.losses.soft_labels import smooth_labels
+from .adversarial_learning import FeatureAdversary
+from .distributed import mean_across_ranks
+from .fnes import FnesSettings, fnes_images, fnes_labels, sample_omega
+from .meta_step import meta_losses, split_by_identity, subset
 
 
 class MetricAdversarialBatch:
-    """Phase "adversarial": replace (or extend) the batch with metric adversarial examples.
+    """Phase "adversarial": replace (or extend) the batch with adversarial examples.
 
     Each step crafts ``ADV_TRAIN.ATTACK`` (FNA by default) examples of the training batch with the
     batch itself as the guide set A (DDDefense eq. 3), budget ``ADV_TRAIN.EPS``/255 and
     ``ADV_TRAIN.STEPS`` iterations (5/255, 8 steps: DDDefense supplementary). The model is in eval
-    mode while crafting (BN running statistics untouched, see ReidFeatureExtractor). With
-    ``ADV_TRAIN.INCLUDE_CLEAN`` the clean images stay in the batch (clean + adversarial, both
-    labelled with the true identity); without it the model trains on adversarial images only
-    (Bouniot et al.'s online adversarial training, the "Adv_train" row).
+    mode with frozen parameters while crafting (input gradients only; BN statistics untouched, see
+    ReidFeatureExtractor). With ``ADV_TRAIN.INCLUDE_CLEAN`` the clean images stay in the batch;
+    without it the model trains on adversarial images only (Bouniot et al.'s "Adv_train", and
+    Madry's AT with ATTACK PGD). ``is_adversarial`` (B,) marks the adversarial rows.
+
+    ``fnes`` (FnesSettings) applies FNES (eq. 4) to the attack's output and adds ``soft_targets``
+    (B, K): y_adv for adversarial rows, phi(y, ``clean_lambda``) for clean ones.
     """
 
     name = "adversarial"
 
-    def __init__(self, attack_name, eps, steps, step_size, distance, include_clean):
+    def __init__(self, attack_name, eps, steps, step_size, distance, include_clean, fnes=None,
+                 num_classes=None, clean_lambda=None):
         self.attack_name = attack_name
         self.eps = eps
         self.steps = steps
         self.step_size = step_size or None
         self.distance = distance
         self.include_clean = include_clean
+        self.fnes = fnes
+        self.num_classes = num_classes
+        self.clean_lambda = clean_lambda
 
     @classmethod
     def from_config(cls, cfg):
         adv = cfg.ADV_TRAIN
-        return cls(adv.ATTACK, adv.EPS, adv.STEPS, adv.STEP_SIZE, adv.DISTANCE, adv.INCLUDE_CLEAN)
+        fnes = FnesSettings.from_config(cfg) if adv.FNES.ENABLED else None
+        return cls(adv.ATTACK, adv.EPS, adv.STEPS, adv.STEP_SIZE, adv.DISTANCE, adv.INCLUDE_CLEAN,
+                   fnes=fnes, num_classes=cfg.MODEL.HEADS.NUM_CLASSES,
+                   clean_lambda=1.0 - cfg.MODEL.LOSSES.CE.EPSILON)
 
     def __call__(self, model, batch):
         extractor = ReidFeatureExtractor(model)
@@ -49,16 +77,28 @@ class MetricAdversarialBatch:
         images01 = batch["images"].div(255.0)  # loader images are in [0, 255]
         pids = batch["targets"]
         with torch.no_grad():
-            guides = GuideSet(extractor(images01), pids)
+            clean_features = extractor(images01)
+        guides = GuideSet(clean_features, pids)
         rows = torch.arange(len(pids), device=pids.device)
         adv01 = attack.perturb(images01, pids, guides, sample_index=rows)
-        adv_images = adv01.mul(255.0)
+        adv = {"targets": pids}
+        if self.fnes is not None:
+            omega = sample_omega(len(pids), self.fnes, pids.device)
+            adv01 = fnes_images(images01, adv01, omega, self.fnes.gamma)
+            far_pids, has_far = guides.farthest_identities(clean_features, pids, self.distance)
+            adv["soft_targets"] = fnes_labels(pids, far_pids, omega, self.num_classes, self.fnes,
+                                              has_far)
+        adv["images"] = adv01.mul(255.0)
+        adv["is_adversarial"] = torch.ones(len(pids), dtype=torch.bool, device=pids.device)
         if not self.include_clean:
-            return dict(batch, images=adv_images)
+            return {**batch, **adv}
+        clean = {"images": batch["images"], "targets": pids,
+                 "is_adversarial": torch.zeros_like(adv["is_adversarial"])}
+        if self.fnes is not None:
+            clean["soft_targets"] = smooth_labels(pids, self.num_classes, self.clean_lambda)
         out = dict(batch)
-        out["images"] = torch.cat([batch["images"], adv_images])
-        for key in ("targets", "camids"):
-            out[key] = torch.cat([batch[key], batch[key]])
+        out.update({key: torch.cat([clean[key], adv[key]]) for key in adv})
+        out["camids"] = torch.cat([batch["camids"], batch["camids"]])
         if "img_paths" in batch:
             out["img_paths"] = list(batch["img_paths"]) * 2
         return out
@@ -72,13 +112,101 @@ def build_batch_phases(cfg):
     return phases
 
 
+class TrainingObjective:
+    """The loss dict of one step: the model's losses (+ L_E with a ``FeatureAdversary``), or the
+    self-meta objective of eq. 13 over them (``meta_test_fraction`` set).
+
+    ``inner_lr`` is alpha of eq. 9; 0 means the optimizer's current learning rate (the paper gives
+    no value).
+    """
+
+    def __init__(self, adversary=None, meta_test_fraction=None, inner_lr=0.0, first_order=False):
+        self.adversary = adversary
+        self.meta_test_fraction = meta_test_fraction
+        self.inner_lr = inner_lr
+        self.first_order = first_order
+
+    @classmethod
+    def from_config(cls, cfg, device):
+        adversary = (FeatureAdversary.from_config(cfg, device)
+                     if cfg.ADV_TRAIN.DISCRIMINATOR.ENABLED else None)
+        meta = cfg.META_LEARNING
+        return cls(adversary, meta.TEST_FRACTION if meta.ENABLED else None, meta.INNER_LR,
+                   meta.FIRST_ORDER)
+
+    @property
+    def is_plain(self):
+        return self.adversary is None and self.meta_test_fraction is None
+
+    def checkpointables(self):
+        return self.adversary.checkpointables() if self.adversary is not None else {}
+
+    def __call__(self, model, data, optimizer):
+        if self.is_plain:
+            return model(data)
+        if self.meta_test_fraction is None:
+            losses, outputs = model(data, return_outputs=True)
+            return self._with_adversary(losses, outputs, data, update=True)
+        module = model.module if isinstance(model, DistributedDataParallel) else model
+        test_rows = split_by_identity(data["targets"], self.meta_test_fraction)
+        meta_train, meta_test = subset(data, ~test_rows), subset(data, test_rows)
+
+        def loss_fn(params, batch):
+            losses, outputs = functional_call(module, params, (batch,), {"return_outputs": True})
+            # D learns from the meta-train forward (at theta, before the model update: Algorithm 1)
+            return self._with_adversary(losses, outputs, batch, update=batch is meta_train)
+
+        inner_lr = self.inner_lr or optimizer.param_groups[0]["lr"]
+        return meta_losses(module, loss_fn, meta_train, meta_test, inner_lr, self.first_order)
+
+    def _with_adversary(self, losses, outputs, batch, update):
+        if self.adversary is None:
+            return losses
+        features, is_adv = outputs["features"], batch["is_adversarial"]
+        if update:
+            get_event_storage().put_scalar("loss_discriminator", self.adversary.update(features,
+                                                                                       is_adv))
+        losses["loss_adv_encoder"] = self.adversary.encoder_loss(features, is_adv)
+        return losses
+
+
+def check_training_config(cfg):
+    """Switch combinations that cannot work, as ConfigErrors naming the keys."""
+    needs_outputs = cfg.ADV_TRAIN.FNES.ENABLED or cfg.ADV_TRAIN.DISCRIMINATOR.ENABLED or \
+        cfg.META_LEARNING.ENABLED
+    if needs_outputs and cfg.MODEL.META_ARCHITECTURE != "RobustBaseline":
+        raise ConfigError(f"ADV_TRAIN.FNES / ADV_TRAIN.DISCRIMINATOR / META_LEARNING need "
+                          f"MODEL.META_ARCHITECTURE RobustBaseline, got "
+                          f"{cfg.MODEL.META_ARCHITECTURE!r}")
+    if (cfg.ADV_TRAIN.FNES.ENABLED or cfg.ADV_TRAIN.DISCRIMINATOR.ENABLED) and \
+            not cfg.ADV_TRAIN.ENABLED:
+        raise ConfigError("ADV_TRAIN.FNES / ADV_TRAIN.DISCRIMINATOR need ADV_TRAIN.ENABLED True")
+    if cfg.ADV_TRAIN.DISCRIMINATOR.ENABLED and not cfg.ADV_TRAIN.INCLUDE_CLEAN:
+        raise ConfigError("ADV_TRAIN.DISCRIMINATOR needs ADV_TRAIN.INCLUDE_CLEAN True: D learns "
+                          "clean vs adversarial features")
+    if cfg.ADV_TRAIN.FNES.ENABLED:
+        fnes = cfg.ADV_TRAIN.FNES
+        low, high = fnes.OMEGA_RANGE
+        if fnes.GAMMA < 1 or not 0 < low <= high < 1 or not 0 < fnes.V < fnes.LAMBDA2 < 1 \
+                or not 0 < fnes.LAMBDA1 < 1:
+            raise ConfigError(f"ADV_TRAIN.FNES needs GAMMA >= 1, 0 < OMEGA_RANGE < 1, "
+                              f"0 < V < LAMBDA2 < 1, 0 < LAMBDA1 < 1 (eq. 4), got {dict(fnes)}")
+        if cfg.MODEL.LOSSES.CE.EPSILON < 0:
+            raise ConfigError("ADV_TRAIN.FNES needs MODEL.LOSSES.CE.EPSILON >= 0 (fixed smoothing "
+                              "of the clean labels)")
+    if cfg.META_LEARNING.ENABLED and not 0 < cfg.META_LEARNING.TEST_FRACTION < 1:
+        raise ConfigError(f"META_LEARNING.TEST_FRACTION must be in (0, 1), got "
+                          f"{cfg.META_LEARNING.TEST_FRACTION}")
+
+
 class PhasedTrainer(SimpleTrainer):
-    """SimpleTrainer whose step runs ``batch_phases`` between loading and the update."""
+    """SimpleTrainer whose step runs ``batch_phases``, then ``objective`` for the losses."""
 
     def __init__(self, model, data_loader, optimizer, param_wrapper, batch_phases=(),
-                 grad_scaler=None):
+                 objective=None, grad_scaler=None):
         super().__init__(model, data_loader, optimizer, param_wrapper)
         self.batch_phases = list(batch_phases)
+        self.objective = objective or TrainingObjective()
         self.grad_scaler = grad_scaler
 
     def run_step(self):
@@ -95,13 +223,15 @@ class PhasedTrainer(SimpleTrainer):
                                smoothing_hint=True)
 
         with torch.autocast(device_type="cuda", enabled=self.grad_scaler is not None):
-            loss_dict = self.model(data)
+            loss_dict = self.objective(self.model, data, self.optimizer)
             losses = sum(loss_dict.values())
         self.optimizer.zero_grad()
         if self.grad_scaler is None:
             losses.backward()
         else:
             self.grad_scaler.scale(losses).backward()
+        if self.objective.meta_test_fraction is not None:  # functional step: DDP did not sync
+            mean_across_ranks([p.grad for p in self.model.parameters() if p.grad is not None])
         self._write_metrics(loss_dict, data_time)
         if self.grad_scaler is None:
             self.optimizer.step()

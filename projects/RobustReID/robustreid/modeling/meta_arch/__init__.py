@@ -1,0 +1,3 @@
+from .robust_baseline import RobustBaseline
+
+__all__ = ["RobustBaseline"]
