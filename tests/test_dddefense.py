@@ -9,11 +9,12 @@ import torch.nn as nn
 from conftest import make_tiny_cfg
 
 DDD_OPTS = ("MODEL.META_ARCHITECTURE", "RobustBaseline", "ADV_TRAIN.ENABLED", "True",
-            "ADV_TRAIN.STEPS", "2", "ADV_TRAIN.FNES.ENABLED", "True",
+            "ADV_TRAIN.STEPS", "2", "ADV_TRAIN.INCLUDE_CLEAN", "True",
+            "ADV_TRAIN.FNES.ENABLED", "True",
             "ADV_TRAIN.DISCRIMINATOR.ENABLED", "True", "META_LEARNING.ENABLED", "True")
 
 
-# --- FNES (eq. 4) -----------------------------------------------------------------------------------
+# --- FNES (eq. 4) ------------------------------------------------------------------------------
 def test_fnes_labels_follow_eq4():
     from robustreid.engine.fnes import FnesSettings, fnes_labels
 
@@ -147,9 +148,10 @@ def test_meta_step_gradient_matches_finite_differences(first_order):
     w0, h = model.w.detach(), 1e-6
     if first_order:  # grad L_mt(theta) + grad L_mt-test at theta_temp, by finite differences
         temp = w0 - alpha * inner_grad(w0)
-        expected = torch.stack([(loss_at(w0 + h * e, train) - loss_at(w0 - h * e, train)
-                                 + loss_at(temp + h * e, test) - loss_at(temp - h * e, test)) / (2 * h)
-                                for e in torch.eye(3, dtype=torch.float64)])
+        expected = torch.stack([
+            (loss_at(w0 + h * e, train) - loss_at(w0 - h * e, train)
+             + loss_at(temp + h * e, test) - loss_at(temp - h * e, test)) / (2 * h)
+            for e in torch.eye(3, dtype=torch.float64)])
     else:
         expected = torch.stack([(objective(w0 + h * e) - objective(w0 - h * e)) / (2 * h)
                                 for e in torch.eye(3, dtype=torch.float64)])
@@ -243,6 +245,7 @@ def test_fnes_batch_marks_adversarial_rows_and_soft_labels(tiny_cfg):
              "camids": torch.arange(8) % 3}
     cfg.defrost()
     cfg.ADV_TRAIN.FNES.ENABLED = True
+    cfg.ADV_TRAIN.INCLUDE_CLEAN = True
     cfg.ADV_TRAIN.STEPS = 2
     out = MetricAdversarialBatch.from_config(cfg)(model, batch)
     assert out["is_adversarial"].tolist() == [False] * 8 + [True] * 8
@@ -258,6 +261,8 @@ def test_fnes_batch_marks_adversarial_rows_and_soft_labels(tiny_cfg):
     (("ADV_TRAIN.ENABLED", "True", "ADV_TRAIN.FNES.ENABLED", "True"), "RobustBaseline"),
     (("MODEL.META_ARCHITECTURE", "RobustBaseline", "ADV_TRAIN.DISCRIMINATOR.ENABLED", "True"),
      "ADV_TRAIN.ENABLED"),
+    (("MODEL.META_ARCHITECTURE", "RobustBaseline", "ADV_TRAIN.ENABLED", "True",
+      "ADV_TRAIN.DISCRIMINATOR.ENABLED", "True"), "INCLUDE_CLEAN"),
     (("MODEL.META_ARCHITECTURE", "RobustBaseline", "META_LEARNING.ENABLED", "True",
       "META_LEARNING.TEST_FRACTION", "1.0"), "TEST_FRACTION"),
     (("MODEL.META_ARCHITECTURE", "RobustBaseline", "ADV_TRAIN.ENABLED", "True",

@@ -76,8 +76,9 @@ def add_robustreid_config(cfg):
     cfg.ADV_TRAIN.STEPS = 8
     cfg.ADV_TRAIN.STEP_SIZE = 0.0         # 1/255 units; 0 = the attack's own default
     cfg.ADV_TRAIN.DISTANCE = "euclidean"  # or "cosine"
-    # True: train on clean + adversarial images; False: adversarial only (Bouniot et al.'s Adv_train).
-    cfg.ADV_TRAIN.INCLUDE_CLEAN = True
+    # False: train on the adversarial batch only (DDDefense eq. 5, "Metric AT"; Bouniot et al.'s
+    # Adv_train); True: clean + adversarial (needed by the discriminator, eq. 6, and eq. 10).
+    cfg.ADV_TRAIN.INCLUDE_CLEAN = False
 
     # FNES, farthest negative extension softening (DDDefense eq. 4; supplementary values). Needs
     # MODEL.META_ARCHITECTURE RobustBaseline (soft labels in the classification loss).

@@ -52,12 +52,17 @@ def meta_losses(module, loss_fn, meta_train, meta_test, inner_lr, first_order=Fa
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}
     train_losses = loss_fn(params, meta_train)
     grads = torch.autograd.grad(sum(train_losses.values()), list(params.values()),
-                                create_graph=not first_order, retain_graph=True,
-                                allow_unused=True)  # the graph is reused by L's backward
+                                create_graph=not first_order, allow_unused=True)
     temporary = {name: p if g is None else p - inner_lr * (g.detach() if first_order else g)
                  for (name, p), g in zip(params.items(), grads)}
     temporary.update({name: b.clone() for name, b in module.named_buffers()})  # see module doc
     test_losses = loss_fn(temporary, meta_test)
+    # grad L_meta-train is `grads`, already computed: the returned meta-train terms carry it through
+    # a linear stand-in with the same value, so the caller's backward does not differentiate the
+    # meta-train graph a second time (only the Hessian-vector product of theta_temp runs through it).
+    linear = sum((p * g.detach()).sum() for p, g in zip(params.values(), grads) if g is not None)
+    train_losses = {k: v.detach() for k, v in train_losses.items()}
+    first = next(iter(train_losses))
+    train_losses[first] = train_losses[first] + (linear - linear.detach())
     return {**{f"meta_train/{k}": v for k, v in train_losses.items()},
             **{f"meta_test/{k}": v for k, v in test_losses.items()}}
-
