@@ -107,9 +107,12 @@ def add_robustreid_config(cfg):
     cfg.META_LEARNING.INNER_LR = 0.0        # alpha of eq. 9; 0 = the current learning rate
     cfg.META_LEARNING.FIRST_ORDER = False   # True drops the second-order term (faster)
 
-    from .modeling.backbones.apnet import add_apnet_config  # keys live beside the backbone
+    # Keys that live beside the parts they configure.
+    from .modeling.backbones.apnet import add_apnet_config
+    from .modeling.noise import add_mpsnn_config
 
     add_apnet_config(cfg)
+    add_mpsnn_config(cfg)  # MODEL.NOISE, MPSNN, TEST.NOISE_DRAWS
 
     if frozen:
         cfg.freeze()

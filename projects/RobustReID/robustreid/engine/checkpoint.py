@@ -57,8 +57,10 @@ def check_weights_fit(cfg):
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.BACKBONE.PRETRAIN = False
     from fastreid.modeling.meta_arch import build_model
+
+    from ..modeling.noise import attach_noise_modules
     try:
-        model = build_model(cfg)
+        model = attach_noise_modules(build_model(cfg), cfg)  # as RobustTrainer.build_model
     except (KeyError, AssertionError, ValueError) as e:  # registry names, inconsistent sizes
         raise ConfigError(f"cannot build the model of {cfg.MODEL.META_ARCHITECTURE}: "
                           f"{e.args[0] if e.args else e}") from None

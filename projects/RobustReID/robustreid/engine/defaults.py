@@ -20,9 +20,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError, load_config
 from ..data.validation import DatasetError, build_dataset, check_datasets
+from ..modeling.noise import attach_noise_modules, noise_averaged
 from .checkpoint import RobustCheckpointer, WeightsNotFoundError, check_weights_fit
 from .hooks import StepSchedulerEachEpoch, SyncBufferStats
 from .model_selection import BestMetricCheckpoint
+from .mpsnn import MpsnnObjective, build_mpsnn_phases, check_mpsnn_config, excluding_noise_scales
 from .train_steps import PhasedTrainer, TrainingObjective, build_batch_phases, check_training_config
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ def preflight(cfg, eval_only=False):
         check_weights_fit(cfg)  # fastreid only warns and skips mismatching tensors
     if not eval_only:
         check_training_config(cfg)
+        check_mpsnn_config(cfg)
     train_names = () if eval_only else cfg.DATASETS.NAMES
     check_datasets(train_names, cfg.DATASETS.TESTS, verify=cfg.DATALOADER.VERIFY_IMAGES)
     if cfg.TEST.ROBUST.ENABLED:
@@ -97,6 +100,7 @@ class RobustTrainer(DefaultTrainer):
     def __init__(self, cfg):
         TrainerBase.__init__(self)
         check_training_config(cfg)
+        check_mpsnn_config(cfg)
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)  # also when used without default_setup
         data_loader = self.build_train_loader(cfg)
@@ -111,9 +115,13 @@ class RobustTrainer(DefaultTrainer):
                 broadcast_buffers=False)
 
         grad_scaler = torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP.ENABLED else None
-        self.objective = TrainingObjective.from_config(cfg, next(model.parameters()).device)
+        if cfg.MPSNN.ENABLED:  # the stochastic network's own objective (thesis Algorithms 2-3)
+            self.objective = MpsnnObjective.from_config(cfg, model)
+        else:
+            self.objective = TrainingObjective.from_config(cfg, next(model.parameters()).device)
         self._trainer = PhasedTrainer(model, data_loader, optimizer, param_wrapper,
-                                      build_batch_phases(cfg), self.objective, grad_scaler)
+                                      build_batch_phases(cfg) + build_mpsnn_phases(cfg),
+                                      self.objective, grad_scaler)
         self.best_robust = BestMetricCheckpoint(cfg.TEST.ROBUST.BEST_METRIC)
 
         self.iters_per_epoch = len(data_loader.dataset) // cfg.SOLVER.IMS_PER_BATCH
@@ -143,7 +151,9 @@ class RobustTrainer(DefaultTrainer):
         hooks = super().build_hooks()
         if comm.get_world_size() > 1:
             hooks.insert(0, SyncBufferStats())  # first, so evaluation and checkpoint see it
-        if self.objective.adversary is not None:
+        if isinstance(self.objective, MpsnnObjective):
+            hooks.insert(0, self.objective.hook())  # noise-scale optimizer and scheduler steps
+        elif self.objective.adversary is not None:
             hooks.insert(0, StepSchedulerEachEpoch(self.objective.adversary.scheduler))
         # fastreid's EvalHook calls test() without the epoch; ours tells it whether the robust
         # evaluation (TEST.ROBUST.PERIOD) is due, so both land in one results dict.
@@ -170,7 +180,9 @@ class RobustTrainer(DefaultTrainer):
         ranks wait at EvalHook's barrier, so keep it short (TEST.ROBUST.MAX_QUERIES) in
         multi-process runs: gloo's default barrier timeout is 30 minutes.
         """
-        results = super().test(cfg, model)
+        # A stochastic model (MODEL.NOISE) is scored on features averaged over TEST.NOISE_DRAWS;
+        # the attacks see the plain model (EOT is their own setting).
+        results = super().test(cfg, noise_averaged(model, cfg.TEST.NOISE_DRAWS))
         if not (robust and cfg.TEST.ROBUST.ENABLED and comm.is_main_process()):
             return results
         from ..evaluation.robust import robust_test
@@ -184,9 +196,15 @@ class RobustTrainer(DefaultTrainer):
         return results
 
     @classmethod
+    def build_model(cls, cfg):
+        return attach_noise_modules(super().build_model(cfg), cfg)  # MODEL.NOISE (no-op if off)
+
+    @classmethod
     def build_optimizer(cls, cfg, model):
         # contiguous=False: ContiguousParams does not train under torch 2 (see robustreid.compat).
-        return build_optimizer(cfg, model, contiguous=False)
+        # Noise scales have their own optimizer (thesis Algorithm 2).
+        with excluding_noise_scales(model):
+            return build_optimizer(cfg, model, contiguous=False)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -135,6 +135,11 @@ class TrainingObjective:
                    meta.FIRST_ORDER)
 
     @property
+    def functional_step(self):
+        """Whether the step's forwards bypass DDP (gradients then need the manual all-reduce)."""
+        return self.meta_test_fraction is not None
+
+    @property
     def is_plain(self):
         return self.adversary is None and self.meta_test_fraction is None
 
@@ -230,7 +235,7 @@ class PhasedTrainer(SimpleTrainer):
             losses.backward()
         else:
             self.grad_scaler.scale(losses).backward()
-        if self.objective.meta_test_fraction is not None:  # functional step: DDP did not sync
+        if self.objective.functional_step:  # forwards bypassed DDP: it did not sync gradients
             mean_across_ranks([p.grad for p in self.model.parameters() if p.grad is not None])
         self._write_metrics(loss_dict, data_time)
         if self.grad_scaler is None:
