@@ -4,14 +4,17 @@
 1. Generates SynthReID under $FASTREID_DATASETS (./datasets by default) on first use.
 2. Trains the undefended Bag-of-Tricks ResNet-18 (configs/SynthReID/bagtricks_R18.yml).
 3. Fine-tunes it with metric adversarial training (configs/SynthReID/demo_metric_at_R18.yml: FNA
-   examples of every batch, 5/255).
-4. Attacks both with FNA, SMA and Metric I-FGSM at 8/255, 16 iterations (queries attacked, gallery
-   clean: DDDefense's protocol, tools/robust_eval.py's code path) and prints the table in the papers'
-   layout, next to the chance level of the same split.
+   examples of every batch, 5/255, DDDefense eq. 5).
+4. Fine-tunes it (again from the undefended weights) with DDDefense's defense phase
+   (configs/SynthReID/demo_dddefense_R18.yml: + FNES, feature discriminator, self-meta learning).
+5. Attacks all three with FNA, SMA and Metric I-FGSM at 8/255, 16 iterations (queries attacked,
+   gallery clean: DDDefense's protocol, tools/robust_eval.py's code path) and prints the table in
+   the papers' layout, next to the chance level of the same split.
 
 Each stage writes to --output/<stage> (weights, logs, robust_eval/ with JSON, markdown and plots).
 
-    python tools/demo.py [--output DIR] [KEY VALUE ...]     (KEY VALUE applies to both stages)
+    python tools/demo.py [--output DIR] [--stages undefended,metric_at] [KEY VALUE ...]
+        (KEY VALUE applies to every stage)
 """
 import argparse
 import logging
@@ -28,10 +31,13 @@ from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_re
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs", "SynthReID")
-# (stage directory, row label, config); each stage after the first starts from the previous weights.
+# (stage directory, row label, config, stage whose final weights it starts from)
 STAGES = (
-    ("undefended", "Undefended BoT R18", os.path.join(CONFIGS, "bagtricks_R18.yml")),
-    ("metric_at", "Metric AT (FNA 5/255)", os.path.join(CONFIGS, "demo_metric_at_R18.yml")),
+    ("undefended", "Undefended BoT R18", os.path.join(CONFIGS, "bagtricks_R18.yml"), None),
+    ("metric_at", "Metric AT (FNA 5/255)", os.path.join(CONFIGS, "demo_metric_at_R18.yml"),
+     "undefended"),
+    ("dddefense", "DDDefense (no diffusion)", os.path.join(CONFIGS, "demo_dddefense_R18.yml"),
+     "undefended"),
 )
 # DDDefense's white-box evaluation at its smaller budget; SynthReID has 100 queries.
 ATTACKS, EPS, STEPS, MAX_QUERIES = ("FNA", "SMA", "IFGSM"), (8,), (16,), 100
@@ -71,27 +77,36 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--output", default=os.path.join(REPO, "logs", "demo"))
+    parser.add_argument("--stages", default=",".join(s[0] for s in STAGES),
+                        help="comma-separated stages to run (undefended always runs first)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     ns = parser.parse_args(argv)
+    wanted = set(ns.stages.split(",")) | {"undefended"}
+    unknown = wanted - {s[0] for s in STAGES}
+    if unknown:
+        print(f"error: --stages: unknown stage(s) {sorted(unknown)}; known: "
+              f"{', '.join(s[0] for s in STAGES)}", file=sys.stderr)
+        return 2
+    stages = [s for s in STAGES if s[0] in wanted]
     # fastreid's ToTensor uses TypedStorage; torch 2 warns once per loader worker and epoch.
     warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
     try:
         # Validate every stage before training any (later stages' MODEL.WEIGHTS come from the
         # stage before, so they are checked without it).
-        for name, _, config_file in STAGES:
+        for name, _, config_file, _ in stages:
             preflight(build_config(stage_args(config_file, os.path.join(ns.output, name), ns.opts,
                                               None)))
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     start = time.time()
-    reports, weights, timings = [], None, []
-    for name, label, config_file in STAGES:
-        args = stage_args(config_file, os.path.join(ns.output, name), ns.opts, weights)
+    reports, weights, timings = [], {}, []
+    for name, label, config_file, init in stages:
+        args = stage_args(config_file, os.path.join(ns.output, name), ns.opts, weights.get(init))
         stage_start = time.time()
         cfg, model = run_stage(args)
         reports.append(robust_report(cfg, model, label))
-        weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+        weights[name] = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
         timings.append(f"{name} {(time.time() - stage_start) / 60:.1f}")
 
     chance = reports[0]["datasets"][0]["chance"]
@@ -100,7 +115,7 @@ def main(argv=None):
     print(f"mAP/Rank-1 (%), white-box attacks on the {MAX_QUERIES} queries, gallery clean; "
           f"chance {chance['mAP']:.1f}/{chance['Rank-1']:.1f}\n")
     print("\n".join(papers_table(reports)))
-    print(f"\nreports and weights: {ns.output}/{{{','.join(s[0] for s in STAGES)}}}")
+    print(f"\nreports and weights: {ns.output}/{{{','.join(s[0] for s in stages)}}}")
     return 0
 
 
