@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from fastreid.layers.any_softmax import Linear as LinearClassifier
 
+from .folding import can_fold, fold_batchnorm
 from .validation import AttackConfigError
 
 
@@ -26,15 +27,22 @@ class ReidFeatureExtractor(nn.Module):
     :meth:`frozen_eval` block) the model is in eval mode and its parameters do not require gradients,
     so backward passes compute input gradients only and never touch parameters' ``.grad``; the
     caller's train/eval modes and ``requires_grad`` flags are restored afterwards.
+
+    ``fold_bn`` runs a copy of the model with eval-mode BatchNorm folded into the convolutions (same
+    function, fewer passes: :mod:`robustreid.attacks.folding`), made once per outermost
+    :meth:`frozen_eval` block (the weights cannot change inside one; wrap many calls in one block to
+    fold once); models with forward hooks (e.g. noise modules) always run as they are.
     """
 
-    def __init__(self, model, defense=None):
+    def __init__(self, model, defense=None, fold_bn=True):
         super().__init__()
         # The module inside DistributedDataParallel: attack forwards/backwards must not trigger
         # DDP's gradient synchronisation.
         self.model = model.module if isinstance(model, DistributedDataParallel) else model
         self.defense = defense
+        self.fold_bn = fold_bn
         self._frozen = False
+        self._folded = []  # a plain list: the copy must not become a registered submodule
 
     @contextlib.contextmanager
     def frozen_eval(self):
@@ -52,15 +60,24 @@ class ReidFeatureExtractor(nn.Module):
             yield
         finally:
             self._frozen = False
+            self._folded.clear()  # weights may change before the next block
             for m, mode in modes:
                 m.training = mode
             for p, flag in grad_flags:
                 p.requires_grad_(flag)
 
+    def _eval_model(self):
+        """The model to run inside :meth:`frozen_eval`: its BN-folded copy when allowed."""
+        if not self.fold_bn or not can_fold(self.model):
+            return self.model
+        if not self._folded:
+            self._folded.append(fold_batchnorm(self.model))
+        return self._folded[0]
+
     def forward(self, x01):
         images = x01 if self.defense is None else self.defense(x01)
         with self.frozen_eval():
-            return self.model({"images": images * 255})
+            return self._eval_model()({"images": images * 255})
 
     @property
     def _classifier(self):

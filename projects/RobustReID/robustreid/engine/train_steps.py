@@ -76,11 +76,12 @@ class MetricAdversarialBatch:
                               step_size=self.step_size, distance=self.distance)
         images01 = batch["images"].div(255.0)  # loader images are in [0, 255]
         pids = batch["targets"]
-        with torch.no_grad():
-            clean_features = extractor(images01)
-        guides = GuideSet(clean_features, pids)
-        rows = torch.arange(len(pids), device=pids.device)
-        adv01 = attack.perturb(images01, pids, guides, sample_index=rows)
+        with extractor.frozen_eval():  # one block: the eval-mode model is prepared once per step
+            with torch.no_grad():
+                clean_features = extractor(images01)
+            guides = GuideSet(clean_features, pids)
+            rows = torch.arange(len(pids), device=pids.device)
+            adv01 = attack.perturb(images01, pids, guides, sample_index=rows)
         adv = {"targets": pids}
         if self.fnes is not None:
             omega = sample_omega(len(pids), self.fnes, pids.device)

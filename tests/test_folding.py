@@ -1,0 +1,84 @@
+"""BatchNorm folding for attack forwards: same features and input gradients, never stale."""
+import pytest
+import torch
+
+from conftest import make_tiny_cfg
+
+
+def _model(tmp_path, *opts):
+    from fastreid.modeling.meta_arch import build_model
+
+    cfg = make_tiny_cfg(tmp_path, "MODEL.BACKBONE.PRETRAIN", "False", *opts)
+    cfg.MODEL.HEADS.NUM_CLASSES = 4
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics
+        _train_losses(model)
+    return model
+
+
+def _train_losses(model):
+    from fastreid.utils.events import EventStorage
+
+    with EventStorage(0):
+        return model({"images": torch.rand(8, 3, 64, 32) * 255,
+                      "targets": torch.arange(4).repeat(2)})
+
+
+@pytest.mark.parametrize("opts", [(), ("MODEL.BACKBONE.WITH_IBN", "True")])
+def test_folded_model_matches_features_and_input_gradients(tmp_path, opts):
+    import torch.nn as nn
+
+    from robustreid.attacks import ReidFeatureExtractor
+    from robustreid.attacks.folding import fold_batchnorm
+
+    model = _model(tmp_path, *opts)
+    x = torch.rand(4, 3, 64, 32)
+    outputs = {}
+    for fold in (False, True):
+        extractor = ReidFeatureExtractor(model, fold_bn=fold)
+        point = x.clone().requires_grad_(True)
+        features = extractor(point)
+        grad, = torch.autograd.grad(features.pow(2).sum(), point)
+        outputs[fold] = features.detach(), grad
+    assert torch.allclose(outputs[True][0], outputs[False][0], rtol=1e-4, atol=1e-4)
+    grad_error = (outputs[True][1] - outputs[False][1]).abs().max()
+    assert grad_error <= 1e-4 * outputs[False][1].abs().max()  # float rounding only
+    assert model.training  # the caller's model is untouched
+    def count_bn(m):
+        return sum(isinstance(module, nn.BatchNorm2d) for module in m.modules())
+
+    before = count_bn(model)
+    folded = fold_batchnorm(model.eval())
+    assert count_bn(folded) < before and count_bn(model) == before  # folded in the copy only
+
+
+def test_fold_is_made_once_per_block_and_follows_weight_updates(tmp_path):
+    from robustreid.attacks import ReidFeatureExtractor
+
+    model = _model(tmp_path)
+    extractor = ReidFeatureExtractor(model)
+    x = torch.rand(4, 3, 64, 32)
+    with extractor.frozen_eval():
+        first = extractor(x)
+        copy = extractor._eval_model()
+        extractor(x)
+        assert extractor._eval_model() is copy  # one fold per block
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    _train_losses(model)["loss_cls"].backward()
+    optimizer.step()
+    after = extractor(x)
+    reference = ReidFeatureExtractor(model, fold_bn=False)(x)
+    assert not torch.allclose(after, first)  # the new weights are used ...
+    assert torch.allclose(after, reference, rtol=1e-4, atol=1e-4)  # ... and folded correctly
+
+
+def test_models_with_forward_hooks_are_not_folded(tmp_path):
+    from robustreid.attacks import ReidFeatureExtractor
+
+    model = _model(tmp_path)
+    model.backbone.layer1.register_forward_hook(lambda m, i, o: o)
+    extractor = ReidFeatureExtractor(model)
+    with extractor.frozen_eval():
+        assert extractor._eval_model() is model
