@@ -22,7 +22,8 @@ import sys
 import time
 
 import robustreid  # noqa: F401  (compat patches + registrations)
-from robustreid.attacks import AttackConfigError, build_defense, build_surrogate_extractor
+from robustreid.attacks import (AttackConfigError, build_defense, build_surrogate_extractor,
+                                eps_unit)
 from robustreid.config import ConfigError, load_config
 from robustreid.engine import (USER_ERRORS, RobustTrainer, check_weights, check_weights_fit,
                                preflight, setup)
@@ -100,6 +101,9 @@ def parse_settings(ns):
 def check_inputs(ns):
     """Every check that can fail, before any work (and printing nothing): (settings, cfg, defense)."""
     settings = parse_settings(ns)
+    unitless = [a for a in settings["attacks"] if eps_unit(a) != "/255"]
+    if ns.sanity and unitless:  # its checks (noise baseline, huge budget) are L-inf constructions
+        raise ConfigError(f"--sanity checks L-inf attacks only; run {', '.join(unitless)} without it")
     cfg = load_config(ns.config_file, ns.opts)
     if not cfg.MODEL.WEIGHTS:
         raise ConfigError("no weights to evaluate: pass MODEL.WEIGHTS /path/to/model_final.pth")

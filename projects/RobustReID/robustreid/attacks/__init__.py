@@ -9,17 +9,18 @@ Images are in [0, 1]; budgets and step sizes in 1/255 units (``eps=8`` is 8/255,
     adv01 = attack.perturb(queries01, pids, guides, sample_index=query_rows)
 
 Registered attacks: FNA, FNA_PULL, SMA, IFGSM, FGSM, MIFGSM, NIFGSM, SINIFGSM (metric, see
-:mod:`.metric`) and PGD (classification, :mod:`.classification`); :func:`EOTAttack` averages
+:mod:`.metric`), PGD (classification, :mod:`.classification`) and WMA (Wasserstein ball, budget in
+transport cost per unit of image mass, not 1/255: :mod:`.wasserstein`); :func:`EOTAttack` averages
 gradients over random forwards; :mod:`.transfer` crafts on a surrogate model.
 """
-from . import classification, metric  # noqa: F401  (registration side effects)
+from . import classification, metric, wasserstein  # noqa: F401  (registration side effects)
 from .base import ReidAttack
 from .defenses import DEFENSES, StraightThrough, bpda, build_defense
 from .eot import EOTAttack
 from .feature_extractor import ReidFeatureExtractor
 from .guides import GuideSet, SameIdGuides
 from .losses import DISTANCES
-from .registry import ATTACK_REGISTRY, build_attack, registered_attacks
+from .registry import ATTACK_REGISTRY, build_attack, eps_unit, registered_attacks
 from .transfer import build_surrogate_extractor
 from .validation import AttackConfigError, eps_from_255
 
@@ -36,6 +37,7 @@ __all__ = [
     "StraightThrough",
     "bpda",
     "build_attack",
+    "eps_unit",
     "build_defense",
     "build_surrogate_extractor",
     "eps_from_255",

@@ -26,7 +26,7 @@ class ReidAttack:
     def __init__(self, extractor, *, eps, steps, step_size=None, distance="euclidean", rand_init=None,
                  eot_samples=1):
         self.extractor = extractor
-        self._eps01 = eps_from_255(eps)
+        self._eps01 = self.check_eps(eps)
         self.eps = float(eps)
         self.steps = positive_int(steps, "steps")
         self.distance = check_choice(distance, DISTANCES, "distance")
@@ -51,6 +51,20 @@ class ReidAttack:
                 f"eot_samples={self.eot_samples})")
 
     # --- what subclasses define ---------------------------------------------------------------------
+    eps_unit = "/255"  # how budgets are written in tables ("8/255"); "" for unitless budgets
+
+    @classmethod
+    def check_eps(cls, value):
+        """The budget ``value`` checked and in the units the engine uses: here an L-inf budget in
+        1/255 units -> [0, 1] units (:func:`eps_from_255`). Attacks with another kind of budget
+        (WMA) override it; robust evaluation checks configured budgets with it."""
+        return eps_from_255(value)
+
+    def budget_used(self, x01, adv01):
+        """The largest budget any image of the batch uses, in ``eps``'s units (here max |adv - x|
+        in 1/255 units); robust evaluation checks it against ``eps`` batch by batch."""
+        return float((adv01 - x01).abs().max()) * 255.0
+
     @property
     def predict(self):
         """x01 -> what the loss reads (features by default)."""

@@ -11,6 +11,12 @@ def registered_attacks():
     return sorted(ATTACK_REGISTRY._obj_map)  # fastreid 1.4's Registry has no public listing
 
 
+def eps_unit(name):
+    """How the budget of attack ``name`` is written: "/255" (L-inf, the default for names that are
+    not registered) or the attack's own ``eps_unit`` ("" for WMA's transport budget)."""
+    return getattr(ATTACK_REGISTRY._obj_map.get(name), "eps_unit", "/255")
+
+
 def build_attack(name, extractor, *, eps, steps, step_size=None, distance="euclidean", **kwargs):
     """The registered attack ``name`` on ``extractor``; eps and step_size in 1/255 units.
 

@@ -32,8 +32,8 @@ from fastreid.data.transforms import build_transforms
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..attacks import (DISTANCES, AttackConfigError, EOTAttack, GuideSet, ReidFeatureExtractor,
-                       build_attack, eps_from_255, registered_attacks)
+from ..attacks import (ATTACK_REGISTRY, DISTANCES, AttackConfigError, EOTAttack, GuideSet,
+                       ReidFeatureExtractor, build_attack, eps_unit, registered_attacks)
 from ..attacks.validation import check_choice, positive_int
 from ..config import ConfigError
 from ..data.validation import build_dataset
@@ -72,8 +72,9 @@ class AttackCell:
 
     @property
     def label(self):
-        """The papers' column header, e.g. ``FNA 8/255-16``."""
-        return f"{self.attack} {format_eps(self.eps)}/255-{self.steps}"
+        """The papers' column header, e.g. ``FNA 8/255-16`` (``WMA 0.1-16``: budgets in the
+        attack's own units)."""
+        return f"{self.attack} {format_eps(self.eps)}{eps_unit(self.attack)}-{self.steps}"
 
 
 def format_eps(eps):
@@ -103,7 +104,8 @@ def check_attack_settings(attacks, eps_values, steps_values, distance, eot_sampl
         except AttackConfigError as e:
             raise ConfigError(f"{names[setting]}: {e}") from None
 
-    check_each("eps", eps_from_255, eps_values)
+    for attack in attacks:  # each attack checks budgets in its own units (WMA: transport cost)
+        check_each("eps", ATTACK_REGISTRY.get(attack).check_eps, eps_values)
     check_each("steps", lambda s: positive_int(s, "steps"), steps_values)
     check_each("distance", lambda d: check_choice(d, DISTANCES, "distance"), [distance])
     check_each("eot", lambda n: positive_int(n, "EOT samples"), [eot_samples])
@@ -288,12 +290,13 @@ class RobustEvaluator:
         return self.evaluate_attack(self.build_cell_attack(cell, **attack_kwargs), cell)
 
     def _adversarial_features(self, attack, cell):
-        """Features of the attacked split under ``attack``, and the largest L-inf change seen."""
+        """Features of the attacked split under ``attack``, the largest L-inf change and the largest
+        budget use (the attack's ``budget_used``, in its eps units; L-inf in 1/255 without one)."""
         split = self.attacked
         guides = GuideSet(self.guide_features().to(self.device),
                           torch.as_tensor(split.pids).to(self.device))
-        bound = cell.eps / 255.0 + 1e-6
-        feats, max_linf, in_range, offset = [], 0.0, True, 0
+        bound = cell.eps + 255e-6  # 1e-6 in [0, 1] units for L-inf budgets
+        feats, max_linf, max_used, in_range, offset = [], 0.0, 0.0, True, 0
         batches = tqdm(self._loader(split), desc=f"{self.dataset_name} {cell.label}", unit="batch",
                        leave=True, disable=not self.progress, dynamic_ncols=True)
         for batch in batches:
@@ -302,15 +305,17 @@ class RobustEvaluator:
             adv = attack.perturb(x01, batch["targets"].to(self.device), guides=guides,
                                  sample_index=rows).detach()
             linf = float((adv - x01).abs().max())
+            used = attack.budget_used(x01, adv) if hasattr(attack, "budget_used") else linf * 255
             valid = bool(adv.min() >= 0) and bool(adv.max() <= 1)
-            if self.strict_budget and (linf > bound or not valid):
-                raise BudgetViolation(f"{cell.label}: max |adv - x| = {linf * 255:.4f}/255 (budget "
-                                      f"{format_eps(cell.eps)}/255), pixels in [0, 1]: {valid}")
-            max_linf, in_range = max(max_linf, linf), in_range and valid
+            if self.strict_budget and (used > bound or not valid):
+                raise BudgetViolation(f"{cell.label}: max |adv - x| = {linf * 255:.4f}/255, budget "
+                                      f"used {used:.6g} of {format_eps(cell.eps)}, pixels in [0, 1]: "
+                                      f"{valid}")
+            max_linf, max_used, in_range = max(max_linf, linf), max(max_used, used), in_range and valid
             with torch.no_grad():
                 feats.append(self.extractor(adv).float().cpu())
             offset += len(x01)
-        return torch.cat(feats), max_linf, in_range
+        return torch.cat(feats), max_linf, max_used, in_range
 
     def evaluate_attack(self, attack, cell):
         """Metrics with the attacked split perturbed by any object with ``perturb(x01, pids, ...)``."""
@@ -319,7 +324,7 @@ class RobustEvaluator:
         start = time.perf_counter()
         with self.extractor.frozen_eval(), self.attack_extractor.frozen_eval():
             self._seed()
-            adv_feats, max_linf, in_range = self._adversarial_features(attack, cell)
+            adv_feats, max_linf, max_used, in_range = self._adversarial_features(attack, cell)
         attack_seconds = time.perf_counter() - start
         if self.attack_gallery:
             metrics = self._score(self.query.features, adv_feats)
@@ -330,8 +335,8 @@ class RobustEvaluator:
             "steps": cell.steps, "step_size_255": getattr(attack, "step_size", None),
             "distance": getattr(attack, "distance", self.distance),
             "eot_samples": getattr(attack, "eot_samples", 1), "transfer": self.surrogate is not None,
-            "max_linf_255": max_linf * 255, "pixels_in_range": in_range,
-            "within_budget": in_range and max_linf <= cell.eps / 255.0 + 1e-6,
+            "max_linf_255": max_linf * 255, "max_budget_used": max_used, "pixels_in_range": in_range,
+            "within_budget": in_range and max_used <= cell.eps + 255e-6,
             "seconds": {"attack": attack_seconds,
                         "score": time.perf_counter() - start - attack_seconds},
             **metrics,
