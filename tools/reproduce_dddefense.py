@@ -12,7 +12,9 @@ supplementary, as published). Each row maps to:
 
 * a training run: configs/DDDefense/methods/<method>.yml + the dataset + the backbone (R18, R50,
   R101, APNet, OSNet, ViT) + the batch size (supplementary Table 5); input-transformation rows
-  (BitSqueezing, MedianSmoothing2D, BS+MS) reuse the undefended "origin" model;
+  (BitSqueezing, MedianSmoothing2D, BS+MS) reuse the undefended "origin" model; methods on the
+  diffusion-balanced set ("+Diffusion model", "Ours") first run tools/balance_data.py with
+  configs/<dataset>/balance_diffusion.yml (once per dataset);
 * an evaluation: tools/robust_eval.py with the table's attacks / budgets / iterations, the row's
   input defense, its test dataset (cross-dataset tables) or its surrogate (black-box: the attacks are
   crafted on the vanilla model of the "source" backbone, trained here too);
@@ -36,6 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_RESULTS = os.path.join(REPO, "configs", "DDDefense", "paper_results.json")
 METHODS_DIR = os.path.join(REPO, "configs", "DDDefense", "methods")
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+BALANCE_DATA = os.path.join(REPO, "tools", "balance_data.py")
 ROBUST_EVAL = os.path.join(REPO, "tools", "robust_eval.py")
 
 # Config overrides per backbone key of paper_results.json (R50 is Base-R50.yml's own).
@@ -89,6 +92,19 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def enables_balancing(config):
+    """Whether a yml (or its _BASE_ chain) sets DATASETS.BALANCED.ENABLED (read without loading it:
+    loading checks the balanced set, which may not exist yet)."""
+    import yaml
+
+    with open(config) as f:
+        data = yaml.safe_load(f) or {}
+    enabled = data.get("DATASETS", {}).get("BALANCED", {}).get("ENABLED")
+    if enabled is not None or "_BASE_" not in data:
+        return bool(enabled)
+    return enables_balancing(os.path.join(os.path.dirname(config), data["_BASE_"]))
+
+
 def _csv(text):
     return [item for item in text.split(",") if item]
 
@@ -123,6 +139,7 @@ class Plan:
         self.output = os.path.abspath(args.output)
         self.dataset_map = dict(item.split("=", 1) for item in _csv(args.dataset_map))
         self.trainings = {}   # key -> (config file, opts, output dir)
+        self.balancings = {}  # dataset -> (balance config, opts, output dir)
         self.evaluations = {}  # output dir -> Evaluation
         self.rows = []        # (table, row, evaluation key or None, note)
 
@@ -142,6 +159,14 @@ class Plan:
                 *BACKBONES[backbone]]
         if batch_size:
             opts += ["SOLVER.IMS_PER_BATCH", str(batch_size)]
+        if enables_balancing(config):
+            balance_config = os.path.join(REPO, "configs", dataset, "balance_diffusion.yml")
+            if not os.path.isfile(balance_config):
+                return None, f"no {os.path.relpath(balance_config, REPO)} for the balanced set"
+            balanced = os.path.join(self.output, dataset, "balanced")
+            self.balancings[dataset] = (balance_config, ["DATASETS.NAMES", f'("{data}",)'],
+                                        balanced)
+            opts += ["DATASETS.BALANCED.PATH", balanced]
         opts += [*self.args.opts, "OUTPUT_DIR", out]
         key = (method, dataset, backbone, batch_size)
         self.trainings[key] = (config, opts, out)
@@ -325,12 +350,15 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         plan = build_plan(args, select_tables(load_tables(), args.tables))
-        print(f"{len(plan.rows)} table rows: {len(plan.trainings)} training runs, "
+        print(f"{len(plan.rows)} table rows: {len(plan.balancings)} balanced sets, "
+              f"{len(plan.trainings)} training runs, "
               f"{len(plan.evaluations)} evaluations under {plan.output}")
         for table, row, ref, note in plan.rows:
             if note:
                 print(f"skipped {table['id']} {row_label(row)}: {note}")
         if args.dry_run:
+            for config, _, out in plan.balancings.values():
+                print(f"balance {os.path.relpath(config, REPO)} -> {out}")
             for config, opts, out in plan.trainings.values():
                 print(f"train {os.path.relpath(config, REPO)} -> {out}")
             for e in plan.evaluations.values():
@@ -339,6 +367,10 @@ def main(argv=None):
                 print(f"evaluate {plan.trainings[e.training][2]}{test}{source} "
                       f"{' '.join(e.args)} -> {e.out}")
             return 0
+        for dataset, (config, opts, out) in plan.balancings.items():
+            print(f"[balance] {dataset}", flush=True)  # resumable: continues where it stopped
+            run([sys.executable, BALANCE_DATA, "--config-file", config, "--output", out, *opts],
+                os.path.join(out, "reproduce.log"))
         for i, key in enumerate(plan.trainings, 1):
             print(f"[train {i}/{len(plan.trainings)}] {key}", flush=True)
             train(plan, key)

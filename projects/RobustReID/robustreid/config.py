@@ -108,11 +108,13 @@ def add_robustreid_config(cfg):
     cfg.META_LEARNING.FIRST_ORDER = False   # True drops the second-order term (faster)
 
     # Keys that live beside the parts they configure.
+    from .data.balancing.config import add_balancing_config
     from .modeling.backbones.apnet import add_apnet_config
     from .modeling.noise import add_mpsnn_config
 
     add_apnet_config(cfg)
     add_mpsnn_config(cfg)  # MODEL.NOISE, MPSNN, TEST.NOISE_DRAWS
+    add_balancing_config(cfg)  # DATASETS.BALANCED, BALANCE (DDDefense phase 1)
 
     if frozen:
         cfg.freeze()
@@ -154,4 +156,6 @@ def load_config(config_file="", opts=()):
         raise ConfigError(f"command-line options must be KEY VALUE pairs, got an odd list: {opts}")
     with _config_errors("command-line option"):
         cfg.merge_from_list(opts)
-    return cfg
+    from .data.balancing import apply_balanced_config
+
+    return apply_balanced_config(cfg)  # DATASETS.BALANCED: train on the balanced copy

@@ -1,9 +1,10 @@
 """RobustReID data: the built-in SynthReID datasets (registered on import) and test fixtures.
 
 ``import robustreid`` imports this package, which registers ``SynthReID``, ``SynthReIDTiny``,
-``SynthReID_D{0,1,2}`` and ``SynthReIDTiny_D{0,1,2}`` in fastreid's ``DATASET_REGISTRY``.
+``SynthReID_D{0,1,2}`` and ``SynthReIDTiny_D{0,1,2}`` in fastreid's ``DATASET_REGISTRY``, and
+``Balanced`` (a balanced copy written by tools/balance_data.py, DATASETS.BALANCED).
 """
-from . import fixtures  # noqa: F401
+from . import balancing, fixtures  # noqa: F401  (balancing registers the "Balanced" dataset)
 from .synth_reid import (  # noqa: F401  (importing registers the datasets)
     DOMAIN_NAMES,
     TIME_LABELS,
