@@ -315,3 +315,25 @@ def test_preflight_rejects_bad_robust_settings(tiny_cfg, key, value, message):
     tiny_cfg.TEST.ROBUST[key] = value
     with pytest.raises(ConfigError, match=message):
         preflight(tiny_cfg)
+
+
+def test_tables_mark_eot_columns_and_noise_draws_average_features(tiny_cfg):
+    from robustreid.evaluation.robust import RobustEvaluator, papers_table
+
+    cell = {"label": "FNA 8/255-16", "mAP": 10.0, "Rank-1": 20.0}
+    report = {"settings": {"model": "m"}, "datasets": [
+        {"dataset": "D", "clean": {"mAP": 50.0, "Rank-1": 60.0},
+         "cells": [dict(cell, eot_samples=1), dict(cell, eot_samples=10)]}]}
+    header = papers_table([report])[0]
+    assert "| FNA 8/255-16 |" in header and "| FNA 8/255-16 EOT 10 |" in header
+
+    cfg = tiny_cfg.clone()
+    cfg.TEST.NOISE_DRAWS = 4
+    evaluator = RobustEvaluator.__new__(RobustEvaluator)  # only the feature helper is exercised
+    evaluator.cfg = cfg
+    x = torch.zeros(2, 3)
+    torch.manual_seed(0)
+    averaged = evaluator._retrieval_features(lambda x01: x01 + torch.randn_like(x01), x)
+    torch.manual_seed(0)
+    draws = torch.stack([torch.randn(2, 3) for _ in range(4)])
+    assert torch.allclose(averaged, draws.mean(0))

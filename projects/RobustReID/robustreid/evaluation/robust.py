@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ..attacks import (ATTACK_REGISTRY, DISTANCES, AttackConfigError, EOTAttack, GuideSet,
                        ReidFeatureExtractor, build_attack, eps_unit, registered_attacks)
+from ..attacks.eot import expected_output
 from ..attacks.validation import check_choice, positive_int
 from ..config import ConfigError
 from ..data.validation import build_dataset
@@ -237,8 +238,13 @@ class RobustEvaluator:
     @torch.no_grad()
     def _clean_features(self, split, extractor=None):
         extractor = extractor or self.extractor
-        feats = [extractor(self._x01(batch)).float().cpu() for batch in self._loader(split)]
+        feats = [self._retrieval_features(extractor, self._x01(batch))
+                 for batch in self._loader(split)]
         return torch.cat(feats)
+
+    def _retrieval_features(self, extractor, x01):
+        """Features used for ranking: the mean of TEST.NOISE_DRAWS forwards (stochastic models)."""
+        return expected_output(extractor, x01, self.cfg.TEST.NOISE_DRAWS).float().cpu()
 
     def guide_features(self):
         """Clean features of the attacked split in the attack model's space (the guide set A)."""
@@ -313,7 +319,7 @@ class RobustEvaluator:
                                       f"{valid}")
             max_linf, max_used, in_range = max(max_linf, linf), max(max_used, used), in_range and valid
             with torch.no_grad():
-                feats.append(self.extractor(adv).float().cpu())
+                feats.append(self._retrieval_features(self.extractor, adv))
             offset += len(x01)
         return torch.cat(feats), max_linf, max_used, in_range
 
@@ -335,6 +341,7 @@ class RobustEvaluator:
             "steps": cell.steps, "step_size_255": getattr(attack, "step_size", None),
             "distance": getattr(attack, "distance", self.distance),
             "eot_samples": getattr(attack, "eot_samples", 1), "transfer": self.surrogate is not None,
+            "noise_draws": self.cfg.TEST.NOISE_DRAWS,
             "max_linf_255": max_linf * 255, "max_budget_used": max_used, "pixels_in_range": in_range,
             "within_budget": in_range and max_used <= cell.eps + 255e-6,
             "seconds": {"attack": attack_seconds,
@@ -531,14 +538,20 @@ def _pair(result):
     return f"{result['mAP']:.1f}/{result['Rank-1']:.1f}"
 
 
+def _column(cell):
+    """A cell's column header; EOT attacks say so ("FNA 8/255-16 EOT 10")."""
+    eot = cell.get("eot_samples", 1)
+    return cell["label"] + (f" EOT {eot}" if eot > 1 else "")
+
+
 def papers_table(reports):
     """The papers' layout: one row per model x dataset, "mAP/Rank-1" cells, one column per cell."""
     rows = [(r["settings"].get("model", "model"), d) for r in reports for d in r["datasets"]]
-    labels = list(dict.fromkeys(c["label"] for _, d in rows for c in d["cells"]))
+    labels = list(dict.fromkeys(_column(c) for _, d in rows for c in d["cells"]))
     lines = ["| Model | Dataset | Clean | " + " | ".join(labels) + " |",
              "|---|---|---|" + "---|" * len(labels)]
     for model, d in rows:
-        by_label = {c["label"]: c for c in d["cells"]}
+        by_label = {_column(c): c for c in d["cells"]}
         cells = [_pair(by_label[label]) if label in by_label else "" for label in labels]
         lines.append(f"| {model} | {d['dataset']} | {_pair(d['clean'])} | " + " | ".join(cells) + " |")
     return lines
