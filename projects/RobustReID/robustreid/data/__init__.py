@@ -4,7 +4,7 @@
 ``SynthReID_D{0,1,2}`` and ``SynthReIDTiny_D{0,1,2}`` in fastreid's ``DATASET_REGISTRY``, and
 ``Balanced`` (a balanced copy written by tools/balance_data.py, DATASETS.BALANCED).
 """
-from . import balancing, fixtures  # noqa: F401  (balancing registers the "Balanced" dataset)
+from . import balancing, dg_datasets, fixtures  # noqa: F401  (register "Balanced", the DG sets)
 from .synth_reid import (  # noqa: F401  (importing registers the datasets)
     DOMAIN_NAMES,
     TIME_LABELS,

@@ -321,3 +321,125 @@ def write_undecodable_image(path: str, kind: str = "garbage") -> str:
     with open(path, "wb") as f:
         f.write(payload)
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Domain-generalization protocol datasets (robustreid.data.dg_datasets), in their releases' layouts
+# ----------------------------------------------------------------------------------------------
+__all__ += ["write_prid", "write_grid", "write_viper", "write_ilids", "write_cuhk02",
+            "write_cuhksysu"]
+
+_DG_ID_BASE = 1000  # fixture people of these writers, apart from the ones above
+
+
+def _save_as(path: str, image: np.ndarray, fmt: str) -> None:
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    Image.fromarray(image).save(path, format=fmt)
+
+
+def write_prid(root: str, num_shared: int = 6, num_a_only: int = 2, num_b_only: int = 4,
+               height: int = 64, width: int = 32, seed: int = 0) -> Dict[str, int]:
+    """PRID 2011 single-shot: ``prid_2011/single_shot/cam_{a,b}/person_%04d.png``; persons
+    1..num_shared in both cameras, then cam_a-only and cam_b-only persons (distractors)."""
+    base = osp.join(root, "prid_2011", "single_shot")
+    for pid in range(1, num_shared + num_a_only + 1):
+        _save_as(osp.join(base, "cam_a", "person_{:04d}.png".format(pid)),
+                 draw_fixture_image(_DG_ID_BASE + pid, 1, pid, height, width, seed), "PNG")
+    b_ids = list(range(1, num_shared + 1)) + [num_shared + num_a_only + i + 1
+                                               for i in range(num_b_only)]
+    for pid in b_ids:
+        # cam_b numbering of the release: shared persons first, then cam_b-only ones
+        number = pid if pid <= num_shared else pid - num_a_only
+        _save_as(osp.join(base, "cam_b", "person_{:04d}.png".format(number)),
+                 draw_fixture_image(_DG_ID_BASE + pid, 2, pid, height, width, seed), "PNG")
+    return {"shared": num_shared, "cam_a": num_shared + num_a_only,
+            "cam_b": num_shared + num_b_only}
+
+
+def write_grid(root: str, num_paired: int = 6, num_distractors: int = 3, num_cams: int = 8,
+               height: int = 64, width: int = 32, seed: int = 0) -> Dict[str, int]:
+    """GRID: ``underground_reid/{probe,gallery}/<pid:4>_<cam>_<frame>_...jpeg``; pid 0000 are
+    gallery-only distractors."""
+    base = osp.join(root, "underground_reid")
+    frame = 0
+    for pid in range(1, num_paired + 1):
+        for sub, cam in (("probe", pid % num_cams + 1), ("gallery", (pid + 1) % num_cams + 1)):
+            frame += 1
+            name = "{:04d}_{}_{:05d}_10_20_30_40.jpeg".format(pid, cam, frame)
+            _save_as(osp.join(base, sub, name),
+                     draw_fixture_image(_DG_ID_BASE + 100 + pid, cam, frame, height, width, seed),
+                     "JPEG")
+    for k in range(num_distractors):
+        frame += 1
+        _save_as(osp.join(base, "gallery", "0000_{}_{:05d}_10_20_30_40.jpeg".format(
+            k % num_cams + 1, frame)), draw_fixture_image(0, k % num_cams + 1, frame, height,
+                                                          width, seed), "JPEG")
+    return {"paired": num_paired, "distractors": num_distractors}
+
+
+def write_viper(root: str, num_ids: int = 6, height: int = 64, width: int = 32,
+                seed: int = 0) -> Dict[str, int]:
+    """VIPeR: ``VIPeR/cam_{a,b}/<index:3>_<angle>.bmp``, one image per person and camera."""
+    base = osp.join(root, "VIPeR")
+    for index in range(num_ids):
+        for cam, angle in (("cam_a", 0), ("cam_b", 90)):
+            _save_as(osp.join(base, cam, "{:03d}_{}.bmp".format(index, angle)),
+                     draw_fixture_image(_DG_ID_BASE + 200 + index, 1 if cam == "cam_a" else 4,
+                                        index, height, width, seed), "BMP")
+    return {"ids": num_ids}
+
+
+def write_ilids(root: str, num_ids: int = 6, imgs_per_id: int = 3, height: int = 64,
+                width: int = 32, seed: int = 0) -> Dict[str, int]:
+    """QMUL i-LIDS: ``ilids/i-LIDS_Pedestrian/Persons/<pid:4><image:3>.jpg``."""
+    base = osp.join(root, "ilids", "i-LIDS_Pedestrian", "Persons")
+    for pid in range(1, num_ids + 1):
+        for k in range(1, imgs_per_id + 1):
+            _save_as(osp.join(base, "{:04d}{:03d}.jpg".format(pid, k)),
+                     draw_fixture_image(_DG_ID_BASE + 300 + pid, k % 6 + 1, k, height, width,
+                                        seed), "JPEG")
+    return {"ids": num_ids, "images": num_ids * imgs_per_id}
+
+
+def write_cuhk02(root: str, ids_per_pair: int = 2, imgs_per_view: int = 2, height: int = 64,
+                 width: int = 32, seed: int = 0) -> FixtureCounts:
+    """CUHK02: ``cuhk02/Dataset/P{1..5}/cam{1,2}/<pid:3>_<k>.png``; pids restart in every pair.
+
+    Counts are for :class:`robustreid.data.dg_datasets.CUHK02`: train P1-P4 (8 cameras), query
+    every P5 cam1 image, gallery every P5 cam2 image."""
+    base = osp.join(root, "cuhk02", "Dataset")
+    subsets = {"train": [], "query": [], "gallery": []}
+    for index in range(5):
+        pair = "P{}".format(index + 1)
+        for pid in range(1, ids_per_pair + 1):
+            person = _DG_ID_BASE + 400 + index * ids_per_pair + pid
+            for view in (1, 2):
+                camid = 2 * index + view - 1
+                for k in range(imgs_per_view):
+                    path = osp.join(base, pair, "cam{}".format(view),
+                                    "{:03d}_{}.png".format(pid, k))
+                    image = draw_fixture_image(person, camid % 6 + 1, k, height, width, seed)
+                    _save_as(path, image, "PNG")
+                    subset = "train" if index < 4 else "query" if view == 1 else "gallery"
+                    subsets[subset].append((path, person, camid))
+    return _counts(osp.join(root, "cuhk02"), subsets["train"], subsets["query"], subsets["gallery"])
+
+
+def write_cuhksysu(root: str, num_ids: int = 4, imgs_per_id: int = 3, num_unlabelled: int = 2,
+                   height: int = 64, width: int = 32, seed: int = 0) -> FixtureCounts:
+    """CUHK-SYSU crops: ``cuhk_sysu/cropped_images/p<pid>_s<n>.jpg``, plus ``num_unlabelled``
+    crops with pid -1 (dropped by robustreid's CUHKSYSU, kept by fastreid's cuhkSYSU)."""
+    base = osp.join(root, "cuhk_sysu", "cropped_images")
+    train, n = [], 0
+    for pid in range(1, num_ids + 1):
+        for _ in range(imgs_per_id):
+            n += 1
+            path = osp.join(base, "p{}_s{}.jpg".format(pid, n))
+            _save_as(path, draw_fixture_image(_DG_ID_BASE + 500 + pid, 1, n, height, width, seed),
+                     "JPEG")
+            train.append((path, pid, 0))
+    for _ in range(num_unlabelled):
+        n += 1
+        _save_as(osp.join(base, "p-1_s{}.jpg".format(n)),
+                 draw_fixture_image(0, 1, n, height, width, seed), "JPEG")
+    return _counts(osp.join(root, "cuhk_sysu"), train, [], [])

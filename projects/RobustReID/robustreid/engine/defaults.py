@@ -19,9 +19,12 @@ from fastreid.utils.env import seed_all_rng
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError, load_config
+from ..data.dg import build_dg_train_loader
 from ..data.validation import DatasetError, build_dataset, check_datasets
+from ..modeling.dg_config import dg_loader_needed
 from ..modeling.noise import attach_noise_modules, noise_averaged
 from .checkpoint import RobustCheckpointer, WeightsNotFoundError, check_weights_fit
+from .dg_steps import build_dg_hooks, build_nuisance_adversary
 from .hooks import StepSchedulerEachEpoch, SyncBufferStats
 from .model_selection import BestMetricCheckpoint
 from .mpsnn import MpsnnObjective, build_mpsnn_phases, check_mpsnn_config, excluding_noise_scales
@@ -118,7 +121,9 @@ class RobustTrainer(DefaultTrainer):
         if cfg.MPSNN.ENABLED:  # the stochastic network's own objective (thesis Algorithms 2-3)
             self.objective = MpsnnObjective.from_config(cfg, model)
         else:
-            self.objective = TrainingObjective.from_config(cfg, next(model.parameters()).device)
+            device = next(model.parameters()).device
+            self.objective = TrainingObjective.from_config(cfg, device)
+            self.objective.nuisance = build_nuisance_adversary(cfg, data_loader.dataset, device)
         self._trainer = PhasedTrainer(model, data_loader, optimizer, param_wrapper,
                                       build_batch_phases(cfg) + build_mpsnn_phases(cfg),
                                       self.objective, grad_scaler)
@@ -149,6 +154,7 @@ class RobustTrainer(DefaultTrainer):
 
     def build_hooks(self):
         hooks = super().build_hooks()
+        hooks[0:0] = build_dg_hooks(self)  # BAU memory initialisation, ADIN schedule, f_N's LR
         if comm.get_world_size() > 1:
             hooks.insert(0, SyncBufferStats())  # first, so evaluation and checkpoint see it
         if isinstance(self.objective, MpsnnObjective):
@@ -194,6 +200,11 @@ class RobustTrainer(DefaultTrainer):
             for name, flat in robust_results.items():
                 results[name].update(flat)
         return results
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        # BAU/ADIN batches carry a strong view / domain labels (robustreid.data.dg)
+        return build_dg_train_loader(cfg) if dg_loader_needed(cfg) else super().build_train_loader(cfg)
 
     @classmethod
     def build_model(cls, cfg):

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..attacks import GuideSet, ReidFeatureExtractor, build_attack
 from ..config import ConfigError
+from ..modeling.dg_config import check_dg_config
 from ..modeling.losses.soft_labels import smooth_labels
 from .adversarial_learning import FeatureAdversary
 from .distributed import mean_across_ranks
@@ -121,8 +122,10 @@ class TrainingObjective:
     no value).
     """
 
-    def __init__(self, adversary=None, meta_test_fraction=None, inner_lr=0.0, first_order=False):
+    def __init__(self, adversary=None, meta_test_fraction=None, inner_lr=0.0, first_order=False,
+                 nuisance=None):
         self.adversary = adversary
+        self.nuisance = nuisance  # ADIN's nuisance classifier (engine/dg_steps.NuisanceAdversary)
         self.meta_test_fraction = meta_test_fraction
         self.inner_lr = inner_lr
         self.first_order = first_order
@@ -142,10 +145,14 @@ class TrainingObjective:
 
     @property
     def is_plain(self):
-        return self.adversary is None and self.meta_test_fraction is None
+        return self.adversary is None and self.meta_test_fraction is None and self.nuisance is None
 
     def checkpointables(self):
-        return self.adversary.checkpointables() if self.adversary is not None else {}
+        parts = {}
+        for part in (self.adversary, self.nuisance):
+            if part is not None:
+                parts.update(part.checkpointables())
+        return parts
 
     def __call__(self, model, data, optimizer):
         if self.is_plain:
@@ -166,6 +173,8 @@ class TrainingObjective:
         return meta_losses(module, loss_fn, meta_train, meta_test, inner_lr, self.first_order)
 
     def _with_adversary(self, losses, outputs, batch, update):
+        if self.nuisance is not None:
+            losses = self.nuisance(losses, outputs, batch, update)
         if self.adversary is None:
             return losses
         features, is_adv = outputs["features"], batch["is_adversarial"]
@@ -203,6 +212,7 @@ def check_training_config(cfg):
     if cfg.META_LEARNING.ENABLED and not 0 < cfg.META_LEARNING.TEST_FRACTION < 1:
         raise ConfigError(f"META_LEARNING.TEST_FRACTION must be in (0, 1), got "
                           f"{cfg.META_LEARNING.TEST_FRACTION}")
+    check_dg_config(cfg)
 
 
 class PhasedTrainer(SimpleTrainer):
