@@ -187,16 +187,21 @@ def test_two_momentum_steps_by_hand(name, nesterov):
     assert torch.allclose(adv, x2, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ALL_ATTACKS)
-def test_budget_range_and_input_safety(name):
+def saturated_batch():
+    """A training-mode linear model, its extractor, 6 images (two saturated: the [0, 1] box binds)
+    of 3 identities."""
     torch.manual_seed(1)
     model = LinearReid(torch.randn(4, 3 * 8 * 4), torch.randn(5, 4))
     model.train()
-    extractor = ReidFeatureExtractor(model)
     x = torch.rand(6, 3, 8, 4)
     x[0] = 0.0
-    x[1] = 1.0  # saturated images: the [0, 1] box binds
-    pids = torch.tensor([0, 0, 1, 1, 2, 2])
+    x[1] = 1.0
+    return model, ReidFeatureExtractor(model), x, torch.tensor([0, 0, 1, 1, 2, 2])
+
+
+@pytest.mark.parametrize("name", ALL_ATTACKS)
+def test_budget_range_and_input_safety(name):
+    model, extractor, x, pids = saturated_batch()
     x_before = x.clone()
     flags = [p.requires_grad for p in model.parameters()]
     attack = build_attack(name, extractor, eps=8, steps=5)

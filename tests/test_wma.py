@@ -18,7 +18,8 @@ from robustreid.attacks.base import ReidAttack
 from robustreid.attacks.wasserstein import DEFAULT_EPS, WMA, project_wasserstein
 
 from conftest import make_tiny_cfg
-from test_attacks import LinearReid, fastreid_model  # noqa: F401  (fastreid_model: a fixture)
+from test_attacks import (LinearReid, fastreid_model,  # noqa: F401  (fastreid_model: a fixture)
+                          saturated_batch)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -141,14 +142,7 @@ def test_warm_start_continues_from_the_previous_duals():
 
 # --- the attack -----------------------------------------------------------------------------------
 def test_attack_keeps_its_budget_the_box_and_its_inputs():
-    torch.manual_seed(1)
-    model = LinearReid(torch.randn(4, 3 * 8 * 4), torch.randn(5, 4))
-    model.train()
-    extractor = ReidFeatureExtractor(model)
-    x = torch.rand(6, 3, 8, 4)
-    x[0] = 0.0
-    x[1] = 1.0  # saturated images: the [0, 1] box binds
-    pids = torch.tensor([0, 0, 1, 1, 2, 2])
+    model, extractor, x, pids = saturated_batch()
     x_before = x.clone()
     attack = build_attack("WMA", extractor, eps=DEFAULT_EPS, steps=3, step_size=4)
     with torch.no_grad():  # attacks enable gradients themselves

@@ -31,19 +31,12 @@ import os
 import sys
 
 import robustreid  # noqa: F401  (compat patches + registrations)
+from robustreid.cli import OneLineParser
 from robustreid.config import ConfigError, _config_errors, load_config
 from robustreid.data.balancing import BalancedSetError, add_balancing_config, plan_balancing
 from robustreid.data.balancing.generate import BalancedSetWriter, balanced_items, make_grid
 from robustreid.data.balancing.stats import balance_statistics, write_statistics
 from robustreid.data.validation import DatasetError, build_dataset
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad usage as one "error: ..." line (exit 2)."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def build_parser():

@@ -22,6 +22,7 @@ import sys
 import time
 
 import robustreid  # noqa: F401  (compat patches + registrations)
+from robustreid.cli import OneLineParser
 from robustreid.attacks import (AttackConfigError, build_defense, build_surrogate_extractor,
                                 eps_unit)
 from robustreid.config import ConfigError, load_config
@@ -33,14 +34,6 @@ from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_re
 
 OPTION_NAMES = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
                 "distance": "--distance", "eot": "--eot"}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad usage as one "error: ..." line (exit 2), like the other checks."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def build_parser():

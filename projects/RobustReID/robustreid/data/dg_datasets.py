@@ -42,21 +42,13 @@ import os.path as osp
 import re
 
 import numpy as np
-from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.datasets.bases import ImageDataset
+
+from .registry import register_dataset
 from fastreid.data.datasets.cuhk_sysu import cuhkSYSU
 
 __all__ = ["CUHK02", "CUHKSYSU", "PRID_DG", "GRID_DG", "VIPeR_DG", "iLIDS_DG",
            "SPLIT_DATASETS"]
-
-
-def _register(cls):
-    """Register once (re-importing this module must not trip the registry's duplicate assert)."""
-    try:
-        DATASET_REGISTRY.get(cls.__name__)
-    except KeyError:
-        DATASET_REGISTRY.register(cls)
-    return cls
 
 
 def _sorted_glob(*parts):
@@ -94,7 +86,7 @@ class _SplitTestDataset(ImageDataset):
         return set(ids[i] for i in rng.choice(len(ids), size=n, replace=False))
 
 
-@_register
+@register_dataset
 class PRID_DG(_SplitTestDataset):
     """PRID 2011 single-shot, DG test protocol (see the module docstring)."""
     dataset_dir = "prid_2011"
@@ -121,7 +113,7 @@ class PRID_DG(_SplitTestDataset):
         return query, gallery
 
 
-@_register
+@register_dataset
 class GRID_DG(_SplitTestDataset):
     """QMUL underGround Re-IDentification (GRID), DG test protocol (see the module docstring)."""
     dataset_dir = "underground_reid"
@@ -147,7 +139,7 @@ class GRID_DG(_SplitTestDataset):
         return query, gallery
 
 
-@_register
+@register_dataset
 class VIPeR_DG(_SplitTestDataset):
     """VIPeR, DG test protocol (see the module docstring)."""
     dataset_dir = "VIPeR"
@@ -171,7 +163,7 @@ class VIPeR_DG(_SplitTestDataset):
         return query, gallery
 
 
-@_register
+@register_dataset
 class iLIDS_DG(_SplitTestDataset):
     """QMUL i-LIDS, DG test protocol (see the module docstring)."""
     dataset_dir = "ilids"
@@ -195,7 +187,7 @@ class iLIDS_DG(_SplitTestDataset):
         return query, gallery
 
 
-@_register
+@register_dataset
 class CUHK02(ImageDataset):
     """CUHK02: 5 camera pairs (10 cameras); train P1-P4, test P5 (query cam1, gallery cam2)."""
     dataset_dir = "cuhk02"
@@ -226,7 +218,7 @@ class CUHK02(ImageDataset):
         super().__init__(train, query, gallery, **kwargs)
 
 
-@_register
+@register_dataset
 class CUHKSYSU(cuhkSYSU):
     """fastreid's cuhkSYSU without the unlabelled (pid < 0) crops."""
 

@@ -44,6 +44,8 @@ from PIL import Image
 
 from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.datasets.bases import ImageDataset
+
+from .registry import register_dataset
 from fastreid.data.datasets.market1501 import Market1501
 
 from .synth_render import (_TAG_DISTRACTOR, _TAG_IMAGE, _TAG_PLAN, DOMAIN_NAMES, TIME_LABELS,
@@ -398,16 +400,7 @@ def _domain_cameras(domain: int) -> Tuple[Tuple[int, int], ...]:
     return tuple((domain, i) for i in range(4))
 
 
-def _register(cls):
-    """Register once (re-importing this module must not trip the registry's duplicate assert)."""
-    try:
-        DATASET_REGISTRY.get(cls.__name__)
-    except KeyError:
-        DATASET_REGISTRY.register(cls)
-    return cls
-
-
-@_register
+@register_dataset
 class SynthReID(_SynthReIDBase):
     """Demo default: 100 train ids (~1000 imgs), 50 test ids (100 queries, ~500 gallery), 6 cameras
     from 3 domains (c1-c2 indoor_mall, c3-c4 city_street, c5-c6 park_dusk), 128x64."""
@@ -415,28 +408,28 @@ class SynthReID(_SynthReIDBase):
     dataset_name = "synthreid"
 
 
-@_register
+@register_dataset
 class SynthReIDTiny(_SynthReIDBase):
     """Test-sized: 12 train ids, 8 test ids, 6 cameras / 3 domains, 64x32, ~110 images."""
     spec = SynthSpec(dir_name="SynthReIDTiny", id_offset=900000, **_TINY)
     dataset_name = "synthreidtiny"
 
 
-@_register
+@register_dataset
 class SynthReID_D0(_SynthReIDBase):
     """Domain 0 (indoor_mall) only: 4 cameras, 60 train ids, 30 test ids."""
     spec = SynthSpec(dir_name="SynthReID_D0", id_offset=100000, cameras=_domain_cameras(0), **_DOMAIN_ONLY)
     dataset_name = "synthreid_d0"
 
 
-@_register
+@register_dataset
 class SynthReID_D1(_SynthReIDBase):
     """Domain 1 (city_street) only: 4 cameras, 60 train ids, 30 test ids."""
     spec = SynthSpec(dir_name="SynthReID_D1", id_offset=200000, cameras=_domain_cameras(1), **_DOMAIN_ONLY)
     dataset_name = "synthreid_d1"
 
 
-@_register
+@register_dataset
 class SynthReID_D2(_SynthReIDBase):
     """Domain 2 (park_dusk) only: 4 cameras, 60 train ids, 30 test ids."""
     spec = SynthSpec(dir_name="SynthReID_D2", id_offset=300000, cameras=_domain_cameras(2), **_DOMAIN_ONLY)
@@ -449,21 +442,21 @@ def _tiny_domain_spec(domain: int) -> SynthSpec:
                      **_TINY)
 
 
-@_register
+@register_dataset
 class SynthReIDTiny_D0(_SynthReIDBase):
     """Tiny, domain 0 only (for fast domain-generalization tests)."""
     spec = _tiny_domain_spec(0)
     dataset_name = "synthreidtiny_d0"
 
 
-@_register
+@register_dataset
 class SynthReIDTiny_D1(_SynthReIDBase):
     """Tiny, domain 1 only."""
     spec = _tiny_domain_spec(1)
     dataset_name = "synthreidtiny_d1"
 
 
-@_register
+@register_dataset
 class SynthReIDTiny_D2(_SynthReIDBase):
     """Tiny, domain 2 only."""
     spec = _tiny_domain_spec(2)

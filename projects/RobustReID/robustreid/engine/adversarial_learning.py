@@ -7,12 +7,12 @@ L_E is computed with the updated D. D's optimizer is the model's kind (SOLVER.OP
 with weight decay 5e-4, and its learning rate decays by 0.5 at the model's SOLVER.STEPS epochs
 (DDDefense supplementary: "decay factor 0.5, weight decay 0.0005, other settings as the model").
 """
-import torch
 from torch.func import functional_call
 
-from .distributed import mean_across_ranks
 from ..modeling.losses.feature_adversary import (FeatureDiscriminator, discriminator_loss,
                                                  encoder_confusion_loss)
+from .distributed import mean_across_ranks
+from .part_optimizer import build_part_optimizer
 
 
 class FeatureAdversary:
@@ -29,12 +29,8 @@ class FeatureAdversary:
         d_cfg = cfg.ADV_TRAIN.DISCRIMINATOR
         discriminator = FeatureDiscriminator(cfg.MODEL.BACKBONE.FEAT_DIM,
                                              tuple(d_cfg.HIDDEN_DIMS)).to(device)
-        optimizer_cls = getattr(torch.optim, cfg.SOLVER.OPT)
-        kwargs = {"momentum": cfg.SOLVER.MOMENTUM} if cfg.SOLVER.OPT == "SGD" else {}
-        optimizer = optimizer_cls(discriminator.parameters(), lr=d_cfg.BASE_LR or cfg.SOLVER.BASE_LR,
-                                  weight_decay=d_cfg.WEIGHT_DECAY, **kwargs)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.SOLVER.STEPS),
-                                                         gamma=d_cfg.GAMMA)
+        optimizer, scheduler = build_part_optimizer(cfg, discriminator.parameters(), d_cfg.BASE_LR,
+                                                    d_cfg.WEIGHT_DECAY, d_cfg.GAMMA)
         return cls(discriminator, optimizer, scheduler, d_cfg.LOSS_WEIGHT)
 
     def checkpointables(self):

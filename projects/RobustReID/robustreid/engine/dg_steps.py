@@ -55,6 +55,7 @@ from ..modeling.losses.adin import (NuisanceHead, calibrated_negative_entropy_lo
                                     nuisance_class_prior, reverse_gradient_loss)
 from .distributed import mean_across_ranks
 from .hooks import StepSchedulerEachEpoch
+from .part_optimizer import build_part_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +118,8 @@ class NuisanceAdversary:
             num_classes = train_set.num_cameras * len(TIME_LABELS)
         in_dim = cfg.MODEL.HEADS.EMBEDDING_DIM or cfg.MODEL.BACKBONE.FEAT_DIM
         head = NuisanceHead(num_classes, in_dim, adin.HIDDEN_DIM, dropout=adin.DROPOUT).to(device)
-        optimizer_cls = getattr(torch.optim, cfg.SOLVER.OPT)
-        kwargs = {"momentum": cfg.SOLVER.MOMENTUM} if cfg.SOLVER.OPT == "SGD" else {}
-        optimizer = optimizer_cls(head.parameters(), lr=adin.BASE_LR or cfg.SOLVER.BASE_LR,
-                                  weight_decay=adin.WEIGHT_DECAY, **kwargs)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.SOLVER.STEPS),
-                                                         gamma=adin.GAMMA)
+        optimizer, scheduler = build_part_optimizer(cfg, head.parameters(), adin.BASE_LR,
+                                                    adin.WEIGHT_DECAY, adin.GAMMA)
         adversary = cls(head, optimizer, scheduler, adin.NUISANCE, adin.LOSS, adin.BETA, None,
                         getattr(train_set, "time_of", {}), adin.SCHEDULE.ENABLED,
                         adin.SCHEDULE.ID_LOSS_IN_ADV)

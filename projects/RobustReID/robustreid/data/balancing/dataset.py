@@ -23,6 +23,8 @@ from typing import Iterable, Optional
 from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.datasets.bases import ImageDataset
 
+from ..registry import register_dataset
+
 from .manifest import MANIFEST_FILE, BalancedSetError, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -107,15 +109,7 @@ def synthetic_mask(img_paths: Iterable[str]):
     return torch.tensor([is_synthetic(p) for p in img_paths], dtype=torch.bool)
 
 
-def _register(cls):
-    try:
-        DATASET_REGISTRY.get(cls.__name__)
-    except KeyError:
-        DATASET_REGISTRY.register(cls)
-    return cls
-
-
-@_register
+@register_dataset
 class Balanced(ImageDataset):
     """Training split = real + synthetic images of a balanced set (no query / gallery).
 

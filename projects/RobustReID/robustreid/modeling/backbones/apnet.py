@@ -196,9 +196,6 @@ class APNet(nn.Module):
 @BACKBONE_REGISTRY.register()
 def build_apnet_backbone(cfg):
     """APNet from MODEL.BACKBONE.*; the trunk (PRETRAIN/PRETRAIN_PATH loading included) is fastreid's."""
-    if "APNET" not in cfg.MODEL.BACKBONE:
-        raise KeyError("MODEL.BACKBONE.APNET is not declared: call "
-                       "robustreid.modeling.backbones.apnet.add_apnet_config(cfg) before merging the config")
     ap = cfg.MODEL.BACKBONE.APNET
     trunk = build_resnet_backbone(cfg)
     return APNet(trunk, levels=ap.LEVELS, reduction=ap.REDUCTION, stages=ap.STAGES, attention=ap.ATTENTION)

@@ -97,9 +97,6 @@ def dual_branch_feat_dim(cfg):
 @BACKBONE_REGISTRY.register()
 def build_dual_branch_backbone(cfg):
     """ADIN's dual-branch backbone from MODEL.BACKBONE.* and MODEL.BACKBONE.DUAL_BRANCH.*."""
-    if "DUAL_BRANCH" not in cfg.MODEL.BACKBONE:
-        raise KeyError("MODEL.BACKBONE.DUAL_BRANCH is not declared: call "
-                       "robustreid.modeling.dg_config.add_dg_config(cfg) before merging the config")
     db = cfg.MODEL.BACKBONE.DUAL_BRANCH
     model = DualBranch(build_resnet_backbone(cfg), db.NUM_PARTS, db.PART_DIM, db.PART_STRIDE,
                        cfg.MODEL.BACKBONE.NORM)
