@@ -182,3 +182,17 @@ def test_eval_only_refuses_weights_that_do_not_fit_the_config(tmp_path, datasets
     cfg.MODEL.BACKBONE.DEPTH = "34x"  # fastreid's checkpointer would only warn and skip
     with pytest.raises(ConfigError, match="does not match the config"):
         preflight(cfg, eval_only=True)
+
+
+def test_training_may_add_noise_modules_to_weights_that_lack_them(tmp_path, datasets_root):
+    from robustreid.config import ConfigError
+    from robustreid.engine import RobustTrainer, check_weights_fit
+
+    cfg = make_tiny_cfg(tmp_path, "SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "100")
+    trainer = RobustTrainer(cfg)
+    trainer.checkpointer.save("plain")
+    noisy = make_tiny_cfg(tmp_path, "MODEL.NOISE.ENABLED", "True",
+                          "MODEL.WEIGHTS", str(tmp_path / "plain.pth"))
+    check_weights_fit(noisy, training=True)  # fine-tuning adds the noise scales
+    with pytest.raises(ConfigError, match="noise_modules"):
+        check_weights_fit(noisy)  # evaluating needs them

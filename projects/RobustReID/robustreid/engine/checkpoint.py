@@ -46,11 +46,17 @@ def inference_tensor_names(model, cfg):
     return used | {name for name, _ in model.named_buffers()}
 
 
-def check_weights_fit(cfg):
+# Parts a training run adds to a model it fine-tunes (they start from their own initialisation):
+# a checkpoint without them is a valid MODEL.WEIGHTS for training, not for evaluation.
+ADDED_BY_TRAINING = ("noise_modules.",)
+
+
+def check_weights_fit(cfg, training=False):
     """Refuse MODEL.WEIGHTS whose tensors do not fit the config's model (checked on CPU).
 
     fastreid's checkpointer only warns about tensors whose shape differs (and skips them) or that
-    are missing, which would silently evaluate a partly random model.
+    are missing, which would silently evaluate a partly random model. ``training``: the weights
+    initialise a training run, which may add parts (``ADDED_BY_TRAINING``) they lack.
     """
     cfg = cfg.clone()
     cfg.defrost()
@@ -79,7 +85,8 @@ def check_weights_fit(cfg):
     except RuntimeError as e:  # reported after the weights, the likelier cause
         used, failure = None, str(e).splitlines()[0]
     wrong = [(k, c, m) for k, c, m in incompatible.incorrect_shapes if used is None or k in used]
-    missing = [k for k in incompatible.missing_keys if used is None or k in used]
+    missing = [k for k in incompatible.missing_keys if (used is None or k in used)
+               and not (training and k.startswith(ADDED_BY_TRAINING))]
     if wrong:
         key, in_checkpoint, in_model = wrong[0]
         raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} does not match the config: {key} has "

@@ -69,8 +69,8 @@ def build_config(args):
 def preflight(cfg, eval_only=False):
     """Every input check that can fail, before training starts: weights, datasets, images."""
     check_weights(cfg, eval_only=eval_only)
-    if cfg.MODEL.WEIGHTS:
-        check_weights_fit(cfg)  # fastreid only warns and skips mismatching tensors
+    if cfg.MODEL.WEIGHTS:  # fastreid only warns and skips mismatching tensors
+        check_weights_fit(cfg, training=not eval_only)
     if not eval_only:
         check_training_config(cfg)
         check_mpsnn_config(cfg)
