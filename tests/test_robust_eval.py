@@ -337,3 +337,15 @@ def test_tables_mark_eot_columns_and_noise_draws_average_features(tiny_cfg):
     torch.manual_seed(0)
     draws = torch.stack([torch.randn(2, 3) for _ in range(4)])
     assert torch.allclose(averaged, draws.mean(0))
+
+
+def test_step_size_reaches_every_attack(tiny_cfg):
+    from robustreid.evaluation.robust import AttackCell, RobustEvaluator
+
+    evaluator = RobustEvaluator.__new__(RobustEvaluator)  # only the attack factory is exercised
+    evaluator.attack_extractor, evaluator.distance, evaluator.eot_samples = object(), "euclidean", 1
+    evaluator.step_size = 2.0
+    assert evaluator.build_cell_attack(AttackCell("FNA", 8.0, 4)).step_size == 2.0
+    assert evaluator.build_cell_attack(AttackCell("IFGSM", 8.0, 4), step_size=3.0).step_size == 3.0
+    evaluator.step_size = None
+    assert evaluator.build_cell_attack(AttackCell("FNA", 8.0, 4)).step_size == 1.0  # its default

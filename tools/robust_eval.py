@@ -2,7 +2,7 @@
 """Adversarial robustness of a trained model: metric attacks on the query set, papers' tables.
 
     python tools/robust_eval.py --config-file CFG MODEL.WEIGHTS model.pth [KEY VALUE ...]
-        [--attacks FNA,SMA,IFGSM] [--eps 8,10] [--steps 16] [--distance euclidean]
+        [--attacks FNA,SMA,IFGSM] [--eps 8,10] [--steps 16] [--step-size S] [--distance euclidean]
         [--attack-gallery] [--eot N] [--defense NAME [--bpda]] [--max-queries N]
         [--surrogate-config CFG --surrogate-weights W]
         [--output DIR] [--sanity]
@@ -42,6 +42,8 @@ def build_parser():
     parser.add_argument("--attacks", default="FNA,SMA,IFGSM", help="comma-separated attack names")
     parser.add_argument("--eps", default="8,10", help="comma-separated L-inf budgets in 1/255 units")
     parser.add_argument("--steps", default="16", help="comma-separated iteration counts")
+    parser.add_argument("--step-size", default="0",
+                        help="attack step in 1/255 units (0 = each attack's own default)")
     parser.add_argument("--distance", default="euclidean", help="attack distance: euclidean, cosine")
     parser.add_argument("--attack-gallery", action="store_true",
                         help="attack the gallery (gallery as guide set), queries clean")
@@ -80,6 +82,7 @@ def parse_settings(ns):
         eps=_numbers(ns.eps, "--eps", float), steps=_numbers(ns.steps, "--steps", int),
         distance=ns.distance, eot=_numbers(ns.eot, "--eot", int)[0],
         max_queries=_numbers(ns.max_queries, "--max-queries", int, minimum=0)[0],
+        step_size=_numbers(ns.step_size, "--step-size", float, minimum=0)[0] or None,
         defense=ns.defense or None, bpda=ns.bpda, attack_gallery=ns.attack_gallery,
         surrogate_config=ns.surrogate_config or None, surrogate_weights=ns.surrogate_weights or None)
     check_attack_settings(settings["attacks"], settings["eps"], settings["steps"], ns.distance,
@@ -127,7 +130,8 @@ def run(ns, settings, checked_cfg, defense):
         evaluator = RobustEvaluator(
             cfg, model, name, distance=settings["distance"], max_queries=settings["max_queries"],
             attack_gallery=settings["attack_gallery"], eot_samples=settings["eot"], defense=defense,
-            seed=seed, strict_budget=not ns.sanity, surrogate=surrogate)
+            seed=seed, strict_budget=not ns.sanity, surrogate=surrogate,
+            step_size=settings["step_size"])
         result = evaluator.run(cells)
         if ns.sanity:
             dataset_checks, extra = sanity_checks(evaluator, result)

@@ -52,6 +52,8 @@ def add_robustreid_config(cfg):
     cfg.TEST.ROBUST.EPS = (8,)
     # Attack iterations; every ATTACKS x EPS x STEPS cell is evaluated.
     cfg.TEST.ROBUST.STEPS = (16,)
+    # Step size of every attack in 1/255 units; 0 = each attack's published default (module docs).
+    cfg.TEST.ROBUST.STEP_SIZE = 0.0
     # Distance the attacks optimise ("euclidean", as the papers); ranking uses TEST.METRIC.
     cfg.TEST.ROBUST.DISTANCE = "euclidean"
     # During training: every N epochs, on epochs where the clean evaluation (TEST.EVAL_PERIOD) runs

@@ -187,8 +187,9 @@ class RobustEvaluator:
 
     def __init__(self, cfg, model, dataset_name, *, distance="euclidean", max_queries=0,
                  attack_gallery=False, eot_samples=1, defense=None, seed=0, strict_budget=True,
-                 progress=True, surrogate=None):
+                 progress=True, surrogate=None, step_size=None):
         self.cfg = cfg
+        self.step_size = step_size or None  # 1/255 units; None: each attack's own default
         self.extractor = ReidFeatureExtractor(model, defense=defense)
         self.model = self.extractor.model  # DDP unwrapped: robust evaluation runs on one process
         self.dataset_name = dataset_name
@@ -285,6 +286,7 @@ class RobustEvaluator:
         torch.manual_seed(self.seed)
 
     def build_cell_attack(self, cell, **attack_kwargs):
+        attack_kwargs.setdefault("step_size", self.step_size)
         attack = build_attack(cell.attack, self.attack_extractor, eps=cell.eps, steps=cell.steps,
                               distance=self.distance, **attack_kwargs)
         if self.eot_samples > 1:
@@ -389,7 +391,7 @@ def robust_test(cfg, model, progress=False):
     flat = {}
     for name in cfg.DATASETS.TESTS:
         evaluator = RobustEvaluator(cfg, model, name, distance=robust.DISTANCE,
-                                    max_queries=robust.MAX_QUERIES,
+                                    max_queries=robust.MAX_QUERIES, step_size=robust.STEP_SIZE,
                                     attack_gallery=robust.ATTACK_GALLERY,
                                     eot_samples=robust.EOT_SAMPLES, seed=seed, progress=progress)
         flat[name] = flat_metrics(evaluator.run(cells))
