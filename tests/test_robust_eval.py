@@ -349,3 +349,14 @@ def test_step_size_reaches_every_attack(tiny_cfg):
     assert evaluator.build_cell_attack(AttackCell("IFGSM", 8.0, 4), step_size=3.0).step_size == 3.0
     evaluator.step_size = None
     assert evaluator.build_cell_attack(AttackCell("FNA", 8.0, 4)).step_size == 1.0  # its default
+
+
+def test_query_subsets_keep_identities_whole():
+    from robustreid.evaluation.robust import select_queries
+
+    items = [(f"q{i}.jpg", i // 3, 0) for i in range(30)]  # 10 identities x 3 queries, sorted
+    subset = select_queries(items, 9, seed=0)
+    assert len(subset) == 9 and subset == sorted(subset, key=items.index)  # dataset order
+    assert sorted({pid for _, pid, _ in subset}) != [0, 1, 2]  # not simply the first identities
+    assert all(sum(p == pid for _, p, _ in subset) == 3 for _, pid, _ in subset)  # whole ids
+    assert select_queries(items, 9, seed=0) == subset and select_queries(items, 0, 0) == items

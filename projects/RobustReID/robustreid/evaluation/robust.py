@@ -162,14 +162,20 @@ class Split:
 
 
 def select_queries(items, max_queries, seed):
-    """All queries, or a seeded random subset of ``max_queries`` kept in dataset order.
+    """All queries, or a seeded subset of ``max_queries`` kept in dataset order.
 
-    A random subset rather than the first N, because datasets list queries sorted by identity.
+    Whole identities in a seeded random order (the last one possibly cut): the guide-based attacks
+    (I-FGSM / AMA, WMA's push loss) need each attacked query's other same-ID queries as guides,
+    which a uniform sample of queries mostly lacks. Random rather than the first N identities,
+    because datasets list queries sorted by identity.
     """
     if not max_queries or max_queries >= len(items):
         return list(items)
-    keep = np.sort(np.random.default_rng(seed).choice(len(items), max_queries, replace=False))
-    return [items[i] for i in keep]
+    pids = np.array([item[1] for item in items])
+    ids = np.unique(pids)
+    rank = dict(zip(np.random.default_rng(seed).permutation(ids).tolist(), range(len(ids))))
+    order = sorted(range(len(items)), key=lambda i: (rank[pids[i].item()], i))
+    return [items[i] for i in sorted(order[:max_queries])]
 
 
 class RobustEvaluator:
