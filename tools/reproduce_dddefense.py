@@ -317,13 +317,15 @@ def format_cell(value):
 
 
 def row_label(row):
-    parts = [row["dataset"] + (f"->{row['test_dataset']}" if row.get("test_dataset") else ""),
-             row["backbone"]]
+    """(dataset, backbone, method) cells of a row; the method cell names its source model or batch
+    size where the table has them (black-box, batch-size tables)."""
+    dataset = row["dataset"] + (f"->{row['test_dataset']}" if row.get("test_dataset") else "")
+    method = row["method"]
     if row.get("source"):
-        parts.append(f"from {row['source']}")
+        method += f" from {row['source']}"
     if row.get("batch_size"):
-        parts.append(f"bs {row['batch_size']}")
-    return " | ".join(parts + [row["method"]])
+        method += f" bs {row['batch_size']}"
+    return dataset, row["backbone"], method
 
 
 def print_tables(plan):
@@ -336,13 +338,12 @@ def print_tables(plan):
         print("| Dataset | Backbone | Method | " + " | ".join(table["columns"]) + " |")
         print("|---|---|---|" + "---|" * len(table["columns"]))
         for row, ref, note in rows:
-            label = row_label(row).rsplit(" | ", 2)
             cells = []
             for column in table["columns"]:
                 paper = format_cell(row["values"].get(column))
                 cells.append(f"{format_cell(our_cell(plan, ref, column))} ({paper})"
                              if ref else f"n/a ({paper})")
-            line = f"| {' | '.join(label)} | " + " | ".join(cells) + " |"
+            line = f"| {' | '.join(row_label(row))} | " + " | ".join(cells) + " |"
             print(line + (f"  <- {note}" if note else ""))
 
 
@@ -355,7 +356,7 @@ def main(argv=None):
               f"{len(plan.evaluations)} evaluations under {plan.output}")
         for table, row, ref, note in plan.rows:
             if note:
-                print(f"skipped {table['id']} {row_label(row)}: {note}")
+                print(f"skipped {table['id']} {' | '.join(row_label(row))}: {note}")
         if args.dry_run:
             for config, _, out in plan.balancings.values():
                 print(f"balance {os.path.relpath(config, REPO)} -> {out}")
