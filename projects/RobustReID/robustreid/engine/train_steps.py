@@ -159,7 +159,7 @@ class TrainingObjective:
             return model(data)
         if self.meta_test_fraction is None:
             losses, outputs = model(data, return_outputs=True)
-            return self._with_adversary(losses, outputs, data, update=True)
+            return self._with_adversaries(losses, outputs, data, update=True)
         module = model.module if isinstance(model, DistributedDataParallel) else model
         test_rows = split_by_identity(data["targets"], self.meta_test_fraction)
         meta_train, meta_test = subset(data, ~test_rows), subset(data, test_rows)
@@ -167,12 +167,12 @@ class TrainingObjective:
         def loss_fn(params, batch):
             losses, outputs = functional_call(module, params, (batch,), {"return_outputs": True})
             # D learns from the meta-train forward (at theta, before the model update: Algorithm 1)
-            return self._with_adversary(losses, outputs, batch, update=batch is meta_train)
+            return self._with_adversaries(losses, outputs, batch, update=batch is meta_train)
 
         inner_lr = self.inner_lr or optimizer.param_groups[0]["lr"]
         return meta_losses(module, loss_fn, meta_train, meta_test, inner_lr, self.first_order)
 
-    def _with_adversary(self, losses, outputs, batch, update):
+    def _with_adversaries(self, losses, outputs, batch, update):
         if self.nuisance is not None:
             losses = self.nuisance(losses, outputs, batch, update)
         if self.adversary is None:
