@@ -115,19 +115,26 @@ def add_mpsnn_config(cfg):
 
 
 # --- the modules ------------------------------------------------------------------------------------
-class IsotropicNoise(nn.Module):
-    """``x + |scale| * N(0, 1)``, one learned scale per channel (dimension ``channel_dim``)."""
+class _NoiseModule(nn.Module):
+    """Noise on in training, at test time when ``test_time``, never while ``enabled`` is False."""
 
-    def __init__(self, channels, init_scale, channel_dim=1, test_time=True):
+    def __init__(self, test_time):
         super().__init__()
-        self.scale = nn.Parameter(torch.full((channels,), float(init_scale)))
-        self.channel_dim = channel_dim
         self.test_time = test_time
         self.enabled = True
 
     @property
     def active(self):
         return self.enabled and (self.training or self.test_time)
+
+
+class IsotropicNoise(_NoiseModule):
+    """``x + |scale| * N(0, 1)``, one learned scale per channel (dimension ``channel_dim``)."""
+
+    def __init__(self, channels, init_scale, channel_dim=1, test_time=True):
+        super().__init__(test_time)
+        self.scale = nn.Parameter(torch.full((channels,), float(init_scale)))
+        self.channel_dim = channel_dim
 
     def forward(self, x):
         if not self.active:
@@ -138,24 +145,18 @@ class IsotropicNoise(nn.Module):
         return x + self.scale.abs().view(shape) * torch.randn_like(x)
 
 
-class AnisotropicNoise(nn.Module):
+class AnisotropicNoise(_NoiseModule):
     """``f + phi e``, ``e ~ N(0, I_K)`` for features f of shape (B, D) or (B, D, 1, 1): the noise has
     covariance phi phi^T. The pre-noise features of the last training forward are kept for the FCA
     loss (eq. 5.3 aligns Sigma with the clean feature differences); :func:`take_clean_features`."""
 
     def __init__(self, dim, rank=0, init_scale=0.1, test_time=True):
-        super().__init__()
+        super().__init__(test_time)
         rank = rank or dim
         phi = torch.zeros(dim, rank)
         phi[:min(dim, rank), :min(dim, rank)] = torch.eye(min(dim, rank)) * float(init_scale)
         self.phi = nn.Parameter(phi)
-        self.test_time = test_time
-        self.enabled = True
         self._clean = None
-
-    @property
-    def active(self):
-        return self.enabled and (self.training or self.test_time)
 
     def forward(self, f):
         if not self.active:
@@ -353,7 +354,7 @@ def noise_disabled(model):
     """Every noise module off inside the block (the vanilla task V, eq. 5.1); restored on exit."""
     noise = noise_modules_of(model)
     modules = [m for m in (noise.modules() if noise is not None else ())
-               if isinstance(m, (IsotropicNoise, AnisotropicNoise))]
+               if isinstance(m, _NoiseModule)]
     flags = [(m, m.enabled) for m in modules]
     for m in modules:
         m.enabled = False
@@ -389,7 +390,7 @@ def noise_averaged(model, draws):
     is ``robustreid.attacks.eot.expected_output(extractor, x01, draws)``."""
     noise = noise_modules_of(model)
     stochastic = noise is not None and any(
-        m.test_time for m in noise.modules() if isinstance(m, (IsotropicNoise, AnisotropicNoise)))
+        m.test_time for m in noise.modules() if isinstance(m, _NoiseModule))
     if int(draws) <= 1 or not stochastic:
         return model
     return NoiseAveragedModel(model, draws)
