@@ -284,6 +284,20 @@ def test_faiss_evaluator_rerank_on_cpu():
     assert_results_equal(got, ref)
 
 
+def test_faiss_evaluator_with_a_gallery_smaller_than_rank_10():
+    # 1-d features, gallery (pid, cam) = (1, 2) at 0.9, (0, 1) at 1, (2, 3) at 2, (0, 2) at 3.
+    # Query pid 0 cam 0 at 0 ranks pids [1, 0, 2, 0]: hits at ranks 2 and 4, AP (1/2 + 2/4) / 2.
+    # Query pid 1 cam 1 at 10 ranks pids [0, 2, 0, 1]: hit at rank 4, AP 1/4.
+    # CMC = [0, 0.5, 0.5, 1]: Rank-5 and Rank-10 are its last entry (fastreid's evaluator would
+    # index past the end of a 4-entry CMC).
+    qf, gf = torch.tensor([[0.0], [10.0]]), torch.tensor([[0.9], [1.0], [2.0], [3.0]])
+    got = feed(FaissReidEvaluator(make_cfg("euclidean"), num_query=2), qf, gf, np.array([0, 1]),
+               np.array([1, 0, 2, 0]), np.array([0, 1]), np.array([2, 1, 3, 2]))
+    assert got["Rank-1"] == pytest.approx(0.0)
+    assert got["Rank-5"] == got["Rank-10"] == pytest.approx(100.0)
+    assert got["mAP"] == pytest.approx((0.5 + 0.25) / 2 * 100)
+
+
 def test_faiss_evaluator_warns_and_skips_roc(caplog):
     cfg = make_cfg()
     cfg.TEST.ROC.ENABLED = True

@@ -107,8 +107,8 @@ class FaissReidEvaluator(DatasetEvaluator):
 
         m_ap, m_inp = np.mean(all_ap), np.mean(all_inp)
         results = OrderedDict()
-        for r in (1, 5, 10):
-            results["Rank-{}".format(r)] = cmc[r - 1] * 100
+        for r in (1, 5, 10):  # a gallery shorter than r: the CMC is flat past its last entry
+            results["Rank-{}".format(r)] = cmc[min(r, len(cmc)) - 1] * 100
         results["mAP"] = m_ap * 100
         results["mINP"] = m_inp * 100
         results["metric"] = (m_ap + cmc[0]) / 2 * 100
