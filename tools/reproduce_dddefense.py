@@ -14,7 +14,9 @@ supplementary, as published). Each row maps to:
   R101, APNet, OSNet, ViT) + the batch size (supplementary Table 5); input-transformation rows
   (BitSqueezing, MedianSmoothing2D, BS+MS) reuse the undefended "origin" model; methods on the
   diffusion-balanced set ("+Diffusion model", "Ours") first run tools/balance_data.py with
-  configs/<dataset>/balance_diffusion.yml (once per dataset);
+  configs/<dataset>/balance_diffusion.yml (once per dataset); AMD rows (offline adversarial
+  training) train the "origin" model, make the adversarial set from its final checkpoint with
+  tools/make_adversarial_set.py (<output>/<dataset>/<backbone>/amd_set), then train amd.yml on it;
 * an evaluation: tools/robust_eval.py with the table's attacks / budgets / iterations, the row's
   input defense, its test dataset (cross-dataset tables) or its surrogate (black-box: the attacks are
   crafted on the vanilla model of the "source" backbone, trained here too);
@@ -39,6 +41,7 @@ PAPER_RESULTS = os.path.join(REPO, "configs", "DDDefense", "paper_results.json")
 METHODS_DIR = os.path.join(REPO, "configs", "DDDefense", "methods")
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 BALANCE_DATA = os.path.join(REPO, "tools", "balance_data.py")
+MAKE_ADVERSARIAL_SET = os.path.join(REPO, "tools", "make_adversarial_set.py")
 ROBUST_EVAL = os.path.join(REPO, "tools", "robust_eval.py")
 
 # Config overrides per backbone key of paper_results.json (R50 is Base-R50.yml's own).
@@ -58,6 +61,8 @@ BACKBONES = {
 INPUT_DEFENSES = {"bit_squeezing": "BitSqueezing", "median_smoothing": "MedianSmoothing2D",
                   "bs_ms": "BitSqueezing+MedianSmoothing2D"}
 UNSPECIFIED = {"das": "DAS has no public specification in the papers"}
+# Methods trained on adversarial copies of the training set made once by the "origin" model (AMD).
+ADVERSARIAL_SET_METHODS = ("amd",)
 COLUMN = re.compile(r"^(?P<attack>\w+) (?P<eps>[\d.]+)/255-(?P<steps>\d+)$")
 
 
@@ -140,6 +145,7 @@ class Plan:
         self.dataset_map = dict(item.split("=", 1) for item in _csv(args.dataset_map))
         self.trainings = {}   # key -> (config file, opts, output dir)
         self.balancings = {}  # dataset -> (balance config, opts, output dir)
+        self.adversarial_sets = {}  # training key -> (training key of the model crafting it, dir)
         self.evaluations = {}  # output dir -> Evaluation
         self.rows = []        # (table, row, evaluation key or None, note)
 
@@ -159,7 +165,14 @@ class Plan:
                 *BACKBONES[backbone]]
         if batch_size:
             opts += ["SOLVER.IMS_PER_BATCH", str(batch_size)]
-        if enables_balancing(config):
+        adversarial_set = None
+        if method in ADVERSARIAL_SET_METHODS:  # before the check below: the set is not diffusion's
+            source, missing = self.training("origin", dataset, backbone)
+            if source is None:
+                return None, missing
+            adversarial_set = (source, os.path.join(self.output, dataset, backbone, "amd_set"))
+            opts += ["DATASETS.BALANCED.PATH", adversarial_set[1]]
+        elif enables_balancing(config):
             balance_config = os.path.join(REPO, "configs", dataset, "balance_diffusion.yml")
             if not os.path.isfile(balance_config):
                 return None, f"no {os.path.relpath(balance_config, REPO)} for the balanced set"
@@ -170,6 +183,8 @@ class Plan:
         opts += [*self.args.opts, "OUTPUT_DIR", out]
         key = (method, dataset, backbone, batch_size)
         self.trainings[key] = (config, opts, out)
+        if adversarial_set:
+            self.adversarial_sets[key] = adversarial_set
         return key, ""
 
     def add_row(self, table, row):
@@ -233,6 +248,21 @@ def run(command, log):
     if process.returncode:
         raise ReproduceError(f"command failed (exit {process.returncode}), see {log}: "
                              + " ".join(command))
+
+
+def make_adversarial_set(plan, key):
+    """The adversarial training set of ``key`` from its source model's final checkpoint (resumable;
+    skipped once complete)."""
+    source, out = plan.adversarial_sets[key]
+    manifest = os.path.join(out, "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            if json.load(f).get("complete"):
+                return
+    source_out = plan.trainings[source][2]
+    run([sys.executable, MAKE_ADVERSARIAL_SET, "--config-file", os.path.join(source_out, "config.yaml"),
+         "--weights", os.path.join(source_out, "model_final.pth"), "--output", out, "--no-progress"],
+        os.path.join(out, "reproduce.log"))
 
 
 def train(plan, key):
@@ -352,7 +382,7 @@ def main(argv=None):
     try:
         plan = build_plan(args, select_tables(load_tables(), args.tables))
         print(f"{len(plan.rows)} table rows: {len(plan.balancings)} balanced sets, "
-              f"{len(plan.trainings)} training runs, "
+              f"{len(plan.adversarial_sets)} adversarial sets, {len(plan.trainings)} training runs, "
               f"{len(plan.evaluations)} evaluations under {plan.output}")
         for table, row, ref, note in plan.rows:
             if note:
@@ -360,7 +390,11 @@ def main(argv=None):
         if args.dry_run:
             for config, _, out in plan.balancings.values():
                 print(f"balance {os.path.relpath(config, REPO)} -> {out}")
-            for config, opts, out in plan.trainings.values():
+            for key, (config, opts, out) in plan.trainings.items():
+                if key in plan.adversarial_sets:  # its source model is trained earlier in this order
+                    source, adversarial = plan.adversarial_sets[key]
+                    weights = os.path.join(plan.trainings[source][2], "model_final.pth")
+                    print(f"adversarial set {weights} -> {adversarial}")
                 print(f"train {os.path.relpath(config, REPO)} -> {out}")
             for e in plan.evaluations.values():
                 source = f" from {plan.trainings[e.surrogate][2]}" if e.surrogate else ""
@@ -373,6 +407,9 @@ def main(argv=None):
             run([sys.executable, BALANCE_DATA, "--config-file", config, "--output", out, *opts],
                 os.path.join(out, "reproduce.log"))
         for i, key in enumerate(plan.trainings, 1):
+            if key in plan.adversarial_sets:
+                print(f"[adversarial set] {plan.adversarial_sets[key][1]}", flush=True)
+                make_adversarial_set(plan, key)
             print(f"[train {i}/{len(plan.trainings)}] {key}", flush=True)
             train(plan, key)
         for i, evaluation in enumerate(plan.evaluations.values(), 1):

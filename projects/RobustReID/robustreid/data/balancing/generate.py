@@ -35,7 +35,7 @@ class SimulatedKill(RuntimeError):
     written and before the manifest records it, the worst moment for a real kill."""
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str, dst: str) -> None:
     """Hard link ``src`` at ``dst`` (copy across file systems); atomic, idempotent."""
     if os.path.exists(dst):
         try:
@@ -139,7 +139,7 @@ class BalancedSetWriter:
             if SYNTHETIC_NAME.match(name):
                 raise BalancedSetError(f"real image {path} is named like a synthetic one")
             seen[name] = path
-            _link_or_copy(path, os.path.join(self.train_dir, name))
+            link_or_copy(path, os.path.join(self.train_dir, name))
             real.append({"file": f"{TRAIN_DIR}/{name}", "pid": str(pid), "camid": str(camid),
                          "source": os.path.abspath(path)})
 

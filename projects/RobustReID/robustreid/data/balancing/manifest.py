@@ -19,6 +19,11 @@ manifest.json::
 "market1501_0"). Synthetic files use Market-1501's naming, ``{identity:04d}_c{camera}s0_{index:06d}_00.jpg``
 (camera 1-based): fastreid's Market1501/DukeMTMC parsers read the same pid and camera from them, and
 "s0" / "_00" never occur in real Market-1501 or DukeMTMC names.
+
+Other writers use the same format for other "synthetic" images: tools/make_adversarial_set.py (AMD)
+stores adversarial copies of the real images, losslessly as ``..._00.png``, and adds ``"tool"`` (the
+command that writes and resumes the set, named in errors) and its own ``plan`` / per-image fields
+(see :mod:`robustreid.data.adversarial_set`). Readers rely only on ``file``, ``pid`` and ``camid``.
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ __all__ = ["MANIFEST_FORMAT", "MANIFEST_FILE", "TRAIN_DIR", "SYNTHETIC_NAME", "l
 MANIFEST_FORMAT = "robustreid-balanced-v1"
 MANIFEST_FILE = "manifest.json"
 TRAIN_DIR = "bounding_box_train"
-SYNTHETIC_NAME = re.compile(r"^(\d+)_c(\d+)s0_(\d{6,})_00\.jpg$")
+SYNTHETIC_NAME = re.compile(r"^(\d+)_c(\d+)s0_(\d{6,})_00\.(?:jpg|png)$")
+DEFAULT_TOOL = "tools/balance_data.py"  # the writer of sets whose manifest names none
 
 
 class BalancedSetError(RuntimeError):
@@ -50,9 +56,9 @@ def label_int(label: Hashable) -> int:
     return int(tail)
 
 
-def synthetic_file_name(pid: Hashable, camid: Hashable, index: int) -> str:
+def synthetic_file_name(pid: Hashable, camid: Hashable, index: int, ext: str = "jpg") -> str:
     """Market-1501-style name of the index-th synthetic image (camera written 1-based)."""
-    return "{:04d}_c{}s0_{:06d}_00.jpg".format(label_int(pid), label_int(camid) + 1, int(index))
+    return "{:04d}_c{}s0_{:06d}_00.{}".format(label_int(pid), label_int(camid) + 1, int(index), ext)
 
 
 def read_manifest(path: str, require_complete: bool = True) -> Dict:
@@ -63,7 +69,7 @@ def read_manifest(path: str, require_complete: bool = True) -> Dict:
             manifest = json.load(f)
     except FileNotFoundError:
         raise BalancedSetError(f"no balanced set at {path!r} ({MANIFEST_FILE} missing): "
-                               "run tools/balance_data.py first") from None
+                               f"run {DEFAULT_TOOL} (or tools/make_adversarial_set.py) first") from None
     except ValueError as e:
         raise BalancedSetError(f"{file} is not valid JSON: {e}") from None
     if manifest.get("format") != MANIFEST_FORMAT:
@@ -71,7 +77,7 @@ def read_manifest(path: str, require_complete: bool = True) -> Dict:
     if require_complete and not manifest.get("complete"):
         done, planned = len(manifest.get("synthetic", [])), manifest.get("plan", {}).get("num_synthetic")
         raise BalancedSetError(f"the balanced set at {path!r} is incomplete ({done}/{planned} synthetic "
-                               "images): rerun tools/balance_data.py to finish it")
+                               f"images): rerun {manifest.get('tool', DEFAULT_TOOL)} to finish it")
     return manifest
 
 
