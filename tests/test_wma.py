@@ -10,12 +10,15 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linprog
 from scipy.sparse import coo_matrix
 
 from robustreid.attacks import AttackConfigError, GuideSet, ReidFeatureExtractor, build_attack
 from robustreid.attacks.base import ReidAttack
-from robustreid.attacks.wasserstein import DEFAULT_EPS, WMA, project_wasserstein
+from robustreid.attacks.wasserstein import (DEFAULT_EPS, WMA, _lambert_w_exp, _window_logsumexp,
+                                             _window_logsumexp_conv, _window_logsumexp_shifted,
+                                             project_wasserstein, window_costs)
 
 from conftest import make_tiny_cfg
 from test_attacks import (LinearReid, fastreid_model,  # noqa: F401  (fastreid_model: a fixture)
@@ -78,6 +81,54 @@ def shifted(x, fraction):
     v = x - moved
     v[..., 1:] += moved[..., :-1]
     return v, moved.sum((1, 2, 3)) / x.sum((1, 2, 3))
+
+
+# --- the projection's pieces ----------------------------------------------------------------------
+def direct_window_logsumexp(t, log_kernel, cost, moments):
+    """Every window offset's shifted copy of t (-inf outside the image), logsumexp over them."""
+    n, h, w = t.shape
+    size = math.isqrt(log_kernel.shape[1])
+    r = size // 2
+    padded = F.pad(t, (r, r, r, r), value=-math.inf)
+    shifted = torch.stack([padded[:, dy:dy + h, dx:dx + w] for dy in range(size)
+                           for dx in range(size)])
+    terms = shifted + log_kernel.T.reshape(-1, n, 1, 1)
+    return [torch.logsumexp(terms + (p * cost.log().view(-1, 1, 1, 1) if p else 0), 0)
+            for p in range(moments + 1)]
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_window_sums_by_convolution_and_by_shifts_match_a_direct_logsumexp(dtype, rtol):
+    torch.manual_seed(0)
+    t = (8 * torch.randn(4, 9, 7)).to(dtype)
+    t[0, :4, :4] = -math.inf  # black pixels: the corner pixel's window holds no mass
+    t[1] = -math.inf  # a black channel
+    cost = window_costs(7, dtype)
+    log_kernel = -3 * torch.rand(4, 1, dtype=dtype) * cost - 1  # -z C - 1 with z in [0, 3]
+    direct = direct_window_logsumexp(t, log_kernel, cost, 2)
+    conv = _window_logsumexp_conv(t, log_kernel, cost, 2)
+    assert conv is not None  # a spread of ~40: the fast path is exact enough
+    for by_conv, by_shifts, expected in zip(conv, _window_logsumexp_shifted(t, log_kernel, cost, 2),
+                                            direct):
+        torch.testing.assert_close(by_conv, expected, rtol=rtol, atol=rtol)
+        torch.testing.assert_close(by_shifts, expected, rtol=rtol, atol=rtol)
+    assert torch.isneginf(conv[0][0, 0, 0]) and torch.isneginf(conv[0][1]).all()
+    # One pixel far above the rest: one shift per row would lose its neighbours, so the convolution
+    # declines and the exact path answers.
+    t[2, 4, 3] = 2000.0
+    assert _window_logsumexp_conv(t, log_kernel, cost, 0) is None
+    torch.testing.assert_close(_window_logsumexp(t, log_kernel)[0],
+                               direct_window_logsumexp(t, log_kernel, cost, 0)[0], rtol=rtol,
+                               atol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lambert_w_solves_its_equation_to_rounding(dtype):
+    u = torch.cat([torch.linspace(-50, 5, 500), torch.linspace(5, 5000, 500)]).to(dtype)
+    w = _lambert_w_exp(u)
+    # W(e^u) = w  <=>  w e^w = e^u  <=>  log w + w = u
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(w.log() + w, u, rtol=8 * eps, atol=8 * eps)
 
 
 # --- the projection -------------------------------------------------------------------------------
