@@ -344,7 +344,7 @@ def test_step_size_reaches_every_attack(tiny_cfg):
 
     evaluator = RobustEvaluator.__new__(RobustEvaluator)  # only the attack factory is exercised
     evaluator.attack_extractor, evaluator.distance, evaluator.eot_samples = object(), "euclidean", 1
-    evaluator.step_size = 2.0
+    evaluator.step_size, evaluator.attack_options = 2.0, {}
     assert evaluator.build_cell_attack(AttackCell("FNA", 8.0, 4)).step_size == 2.0
     assert evaluator.build_cell_attack(AttackCell("IFGSM", 8.0, 4), step_size=3.0).step_size == 3.0
     evaluator.step_size = None
@@ -360,3 +360,65 @@ def test_query_subsets_keep_identities_whole():
     assert sorted({pid for _, pid, _ in subset}) != [0, 1, 2]  # not simply the first identities
     assert all(sum(p == pid for _, p, _ in subset) == 3 for _, pid, _ in subset)  # whole ids
     assert select_queries(items, 9, seed=0) == subset and select_queries(items, 0, 0) == items
+
+
+def test_attack_options_reach_their_attack_only(tiny_cfg, monkeypatch):
+    import robustreid.evaluation.robust as robust
+    from robustreid.evaluation.robust import (ROBUST_CONFIG_NAMES, AttackCell, RobustEvaluator,
+                                              parse_attack_options)
+
+    entries = ["WMA:loss=fna", "WMA: sinkhorn_iters = 30", "FNA:rand_init=False"]
+    options = parse_attack_options(entries, ["FNA", "WMA", "IFGSM"], ROBUST_CONFIG_NAMES)
+    assert options == {"WMA": {"loss": "fna", "sinkhorn_iters": 30}, "FNA": {"rand_init": False}}
+    evaluator = RobustEvaluator.__new__(RobustEvaluator)  # only the attack factory is exercised
+    evaluator.attack_extractor, evaluator.distance, evaluator.eot_samples = object(), "euclidean", 1
+    evaluator.step_size, evaluator.attack_options = None, options
+    wma = evaluator.build_cell_attack(AttackCell("WMA", 0.1, 4))
+    assert (wma.loss_name, wma.sinkhorn_iters, wma.kernel_size) == ("fna", 30, 7)
+    assert evaluator.build_cell_attack(AttackCell("FNA", 8.0, 4)).rand_init is False  # default True
+    assert evaluator.build_cell_attack(AttackCell("SMA", 8.0, 4)).rand_init is True  # untouched
+
+    # TEST.ROBUST.ATTACK_OPTIONS reaches the evaluators of RobustTrainer.test's robust evaluation.
+    built = []
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs["attack_options"])
+
+        def run(self, cells):
+            return {"cells": []}
+
+    monkeypatch.setattr(robust, "RobustEvaluator", Recorder)
+    tiny_cfg.TEST.ROBUST.ATTACKS, tiny_cfg.TEST.ROBUST.EPS = ("WMA",), (0.1,)
+    tiny_cfg.TEST.ROBUST.ATTACK_OPTIONS = ("WMA:loss=ama", "WMA:lam=1e3")
+    robust.check_robust_config(tiny_cfg)
+    robust.robust_test(tiny_cfg, model=None)
+    assert built == [{"WMA": {"loss": "ama", "lam": 1000.0}}]
+
+
+@pytest.mark.parametrize("option, message", [
+    ("NOPE:loss=fna", "--attack-option: 'NOPE:loss=fna': attack 'NOPE' is not evaluated"),
+    ("WMA:lossy=fna", "--attack-option: WMA: attack WMA does not accept ['lossy']"),
+    ("WMA:kernel_size=4", "--attack-option: WMA: kernel_size must be odd"),
+    ("WMA:loss=l2", "loss must be one of ['push', 'ama', 'fna'], got 'l2'"),
+    ("WMA:eps=0.2", "'WMA:eps=0.2': eps is set for every attack by --eps"),
+    ("WMA=fna", "'WMA=fna' is not NAME:key=value"),
+])
+def test_cli_bad_attack_option_exits_2_with_one_clear_line(option, message, tmp_path, capsys):
+    code = load_tool().main(["--config-file", CONFIG, "--attacks", "WMA", "--eps", "0.1",
+                             "--attack-option", "WMA:loss=fna", "--attack-option", option,
+                             "--output", str(tmp_path / "out"), *TINY_OPTS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_preflight_rejects_a_bad_attack_option(tiny_cfg):
+    from robustreid.config import ConfigError
+    from robustreid.engine import preflight
+
+    robust = tiny_cfg.TEST.ROBUST
+    robust.ENABLED, robust.ATTACKS, robust.EPS = True, ("WMA",), (0.1,)
+    robust.ATTACK_OPTIONS = ("WMA:sinkhorn_iters=0",)
+    with pytest.raises(ConfigError, match="TEST.ROBUST.ATTACK_OPTIONS: WMA: sinkhorn_iters must"):
+        preflight(tiny_cfg)

@@ -4,6 +4,7 @@
     python tools/robust_eval.py --config-file CFG MODEL.WEIGHTS model.pth [KEY VALUE ...]
         [--attacks FNA,SMA,IFGSM] [--eps 8,10] [--steps 16] [--step-size S] [--distance euclidean]
         [--attack-gallery] [--eot N] [--defense NAME [--bpda]] [--max-queries N]
+        [--attack-option NAME:KEY=VALUE ...]
         [--surrogate-config CFG --surrogate-weights W]
         [--output DIR] [--sanity]
 
@@ -15,6 +16,9 @@ mAP_vs_eps.png and per_identity_map.png to DIR (default OUTPUT_DIR/robust_eval) 
 "mAP/Rank-1" table. --sanity also runs the evaluation's self-checks (eps 0 = clean, budgets,
 monotonicity, attacks beat random noise, a huge budget reaches chance, determinism), prints
 PASS/FAIL for each and exits 1 if any fails. Bad input exits 2 with one "error: ..." line.
+--attack-option (repeatable) passes a keyword option to one attack, e.g.
+--attack-option WMA:loss=fna --attack-option WMA:sinkhorn_iters=30 (values: Python literals, else
+strings; an unknown attack or keyword or a bad value exits 2 naming it).
 """
 import argparse
 import os
@@ -29,11 +33,11 @@ from robustreid.config import ConfigError, load_config
 from robustreid.engine import (USER_ERRORS, RobustTrainer, check_weights, check_weights_fit,
                                preflight, setup)
 from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
-                                          check_attack_settings, robust_markdown, sanity_checks,
-                                          sha256_of, write_report)
+                                          check_attack_settings, parse_attack_options,
+                                          robust_markdown, sanity_checks, sha256_of, write_report)
 
 OPTION_NAMES = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
-                "distance": "--distance", "eot": "--eot"}
+                "distance": "--distance", "eot": "--eot", "options": "--attack-option"}
 
 
 def build_parser():
@@ -54,6 +58,8 @@ def build_parser():
                         help="transfer attack: craft on this config's model (with --surrogate-weights)")
     parser.add_argument("--surrogate-weights", default="", metavar="FILE")
     parser.add_argument("--max-queries", default="0", help="attack a seeded subset (0 = all)")
+    parser.add_argument("--attack-option", action="append", default=[], metavar="NAME:KEY=VALUE",
+                        help="keyword option of one attack, e.g. WMA:loss=fna (repeatable)")
     parser.add_argument("--output", default="", help="default: OUTPUT_DIR/robust_eval")
     parser.add_argument("--sanity", action="store_true", help="run the self-checks too")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="MODEL.WEIGHTS path and KEY VALUE pairs")
@@ -87,6 +93,8 @@ def parse_settings(ns):
         surrogate_config=ns.surrogate_config or None, surrogate_weights=ns.surrogate_weights or None)
     check_attack_settings(settings["attacks"], settings["eps"], settings["steps"], ns.distance,
                           settings["eot"], OPTION_NAMES)
+    settings["attack_options"] = parse_attack_options(ns.attack_option, settings["attacks"],
+                                                      OPTION_NAMES)
     if ns.bpda and not ns.defense:
         raise ConfigError("--bpda needs --defense NAME")
     if bool(ns.surrogate_config) != bool(ns.surrogate_weights):
@@ -131,7 +139,7 @@ def run(ns, settings, checked_cfg, defense):
             cfg, model, name, distance=settings["distance"], max_queries=settings["max_queries"],
             attack_gallery=settings["attack_gallery"], eot_samples=settings["eot"], defense=defense,
             seed=seed, strict_budget=not ns.sanity, surrogate=surrogate,
-            step_size=settings["step_size"])
+            step_size=settings["step_size"], attack_options=settings["attack_options"])
         result = evaluator.run(cells)
         if ns.sanity:
             dataset_checks, extra = sanity_checks(evaluator, result)

@@ -15,6 +15,7 @@ standard deviation over identities (population std), DDDefense's fairness measur
 
 Not applied here: TEST.FLIP, TEST.AQE and TEST.RERANK (plain retrieval with TEST.METRIC).
 """
+import ast
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import platform
 import time
 from dataclasses import dataclass
 from importlib import metadata
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -45,7 +47,11 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")
 ROBUST_CONFIG_NAMES = {key: f"TEST.ROBUST.{key.upper()}" for key in
-                       ("attacks", "eps", "steps", "distance")} | {"eot": "TEST.ROBUST.EOT_SAMPLES"}
+                       ("attacks", "eps", "steps", "distance")} | {
+                           "eot": "TEST.ROBUST.EOT_SAMPLES",
+                           "options": "TEST.ROBUST.ATTACK_OPTIONS"}
+# Keywords every cell sets itself (attack_grid, RobustEvaluator): not per-attack options.
+CELL_KEYWORDS = ("eps", "steps", "distance")
 # Slack on "mAP does not increase with eps or steps" (mAP points): attacks are local searches.
 MONOTONE_TOLERANCE = 0.5
 # The "very large budget" of the sanity check, and how close to chance it must bring the model:
@@ -110,6 +116,45 @@ def check_attack_settings(attacks, eps_values, steps_values, distance, eot_sampl
     check_each("steps", lambda s: positive_int(s, "steps"), steps_values)
     check_each("distance", lambda d: check_choice(d, DISTANCES, "distance"), [distance])
     check_each("eot", lambda n: positive_int(n, "EOT samples"), [eot_samples])
+
+
+def _option_value(text):
+    """A Python literal ("30", "1e3", "True", "(1, 2)") as its value, anything else as is."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_attack_options(entries, attacks, names):
+    """``["WMA:loss=fna", "WMA:sinkhorn_iters=30"]`` -> ``{"WMA": {"loss": "fna", "sinkhorn_iters":
+    30}}``: keyword options of individual attacks, for :func:`build_attack`. Values are Python
+    literals (int, float, bool, tuple), else strings. Each attack is built once with its options, so
+    an unknown keyword or a bad value fails here, before any work. Raises ConfigError naming the
+    option (``names["options"]``, as in :func:`check_attack_settings`) and the entry or attack at
+    fault: a malformed entry, an attack not in ``attacks``, a keyword the grid sets (eps, steps,
+    distance), an unknown keyword or a bad value."""
+    name = names["options"]
+    options = {}
+    for entry in entries:
+        attack, colon, setting = entry.partition(":")
+        key, equals, value = setting.partition("=")
+        attack, key = attack.strip(), key.strip()
+        if not (colon and equals and key.isidentifier()):
+            raise ConfigError(f"{name}: {entry!r} is not NAME:key=value")
+        if attack not in attacks:
+            raise ConfigError(f"{name}: {entry!r}: attack {attack!r} is not evaluated (attacks: "
+                              f"{', '.join(attacks)})")
+        if key in CELL_KEYWORDS:
+            raise ConfigError(f"{name}: {entry!r}: {key} is set for every attack by {names[key]}")
+        options.setdefault(attack, {})[key] = _option_value(value.strip())
+    model = SimpleNamespace(num_classes=1)  # constructors read no more of it (PGD: the class count)
+    for attack, kwargs in options.items():
+        try:
+            build_attack(attack, model, eps=0, steps=1, **kwargs)
+        except AttackConfigError as e:
+            raise ConfigError(f"{name}: {attack}: {e}") from None
+    return options
 
 
 def chance_level(q_pids, g_pids, q_camids, g_camids, draws=5, seed=0):
@@ -188,14 +233,16 @@ class RobustEvaluator:
     ``surrogate`` (a ReidFeatureExtractor of another model, see
     ``robustreid.attacks.build_surrogate_extractor``) makes every attack a transfer (black-box)
     attack: crafted on the surrogate, with the surrogate's clean features as the guide set, and
-    evaluated on this model.
+    evaluated on this model. ``attack_options`` maps attack names to keyword options of that attack
+    (:func:`parse_attack_options`).
     """
 
     def __init__(self, cfg, model, dataset_name, *, distance="euclidean", max_queries=0,
                  attack_gallery=False, eot_samples=1, defense=None, seed=0, strict_budget=True,
-                 progress=True, surrogate=None, step_size=None):
+                 progress=True, surrogate=None, step_size=None, attack_options=None):
         self.cfg = cfg
         self.step_size = step_size or None  # 1/255 units; None: each attack's own default
+        self.attack_options = attack_options or {}
         self.extractor = ReidFeatureExtractor(model, defense=defense)
         self.model = self.extractor.model  # DDP unwrapped: robust evaluation runs on one process
         self.dataset_name = dataset_name
@@ -292,6 +339,7 @@ class RobustEvaluator:
         torch.manual_seed(self.seed)
 
     def build_cell_attack(self, cell, **attack_kwargs):
+        attack_kwargs = {**self.attack_options.get(cell.attack, {}), **attack_kwargs}
         attack_kwargs.setdefault("step_size", self.step_size)
         attack = build_attack(cell.attack, self.attack_extractor, eps=cell.eps, steps=cell.steps,
                               distance=self.distance, **attack_kwargs)
@@ -300,7 +348,8 @@ class RobustEvaluator:
         return attack
 
     def evaluate_cell(self, cell, **attack_kwargs):
-        """Metrics of one attack cell (``attack_kwargs`` go to ``build_attack``)."""
+        """Metrics of one attack cell (``attack_kwargs`` go to ``build_attack``, over the attack's
+        ``attack_options``)."""
         return self.evaluate_attack(self.build_cell_attack(cell, **attack_kwargs), cell)
 
     def _adversarial_features(self, attack, cell):
@@ -383,6 +432,7 @@ def check_robust_config(cfg):
                           robust.DISTANCE, robust.EOT_SAMPLES, ROBUST_CONFIG_NAMES)
     if robust.MAX_QUERIES < 0 or robust.PERIOD < 0:
         raise ConfigError("TEST.ROBUST.MAX_QUERIES and TEST.ROBUST.PERIOD must be >= 0")
+    parse_attack_options(robust.ATTACK_OPTIONS, list(robust.ATTACKS), ROBUST_CONFIG_NAMES)
 
 
 def robust_test(cfg, model, progress=False):
@@ -394,12 +444,14 @@ def robust_test(cfg, model, progress=False):
     robust = cfg.TEST.ROBUST
     cells = attack_grid(robust.ATTACKS, robust.EPS, robust.STEPS)
     seed = max(cfg.ROBUSTREID.SEED, 0)
+    options = parse_attack_options(robust.ATTACK_OPTIONS, list(robust.ATTACKS), ROBUST_CONFIG_NAMES)
     flat = {}
     for name in cfg.DATASETS.TESTS:
         evaluator = RobustEvaluator(cfg, model, name, distance=robust.DISTANCE,
                                     max_queries=robust.MAX_QUERIES, step_size=robust.STEP_SIZE,
                                     attack_gallery=robust.ATTACK_GALLERY,
-                                    eot_samples=robust.EOT_SAMPLES, seed=seed, progress=progress)
+                                    eot_samples=robust.EOT_SAMPLES, seed=seed, progress=progress,
+                                    attack_options=options)
         flat[name] = flat_metrics(evaluator.run(cells))
     return flat
 
