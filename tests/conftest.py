@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 
 import robustreid  # noqa: F401  (compat patches + registrations, before fastreid is used)
 
@@ -39,3 +40,14 @@ def make_tiny_cfg(output_dir, *opts):
 @pytest.fixture
 def tiny_cfg(tmp_path, datasets_root):
     return make_tiny_cfg(tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``),
+    restored afterwards: on small tensors a second thread only adds synchronisation, and on a loaded
+    machine it made WMA projections 30-100x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,12 +24,7 @@ SIZE = (48, 24)  # smaller than SynthReIDTiny's 64x32: the copies are attacked a
 EPS = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_tool():

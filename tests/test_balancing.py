@@ -22,12 +22,7 @@ TOOL = os.path.join(REPO, "tools", "balance_data.py")
 SYNTH_CFG = os.path.join(REPO, "configs", "SynthReID", "balance_diffusion.yml")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def balance_cfg(*opts):

@@ -25,14 +25,7 @@ from test_attacks import (LinearReid, fastreid_model,  # noqa: F401  (fastreid_m
                           saturated_batch)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors: a second intra-op thread only adds synchronisation, and on a loaded machine
-    # it made projections 30-100x slower (measured); restored for the rest of the session.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- an independent exact solver ------------------------------------------------------------------

@@ -25,7 +25,7 @@ import sys
 
 import robustreid  # noqa: F401  (compat patches + registrations)
 from robustreid.attacks import AttackConfigError, ReidFeatureExtractor, build_attack, eps_unit
-from robustreid.cli import OneLineParser
+from robustreid.cli import OneLineParser, report_misplaced_flags
 from robustreid.config import ConfigError, load_config
 from robustreid.data.adversarial_set import AdversarialSetWriter, clean_transform, make_crafter
 from robustreid.data.balancing import BALANCED_NAME, BalancedSetError
@@ -109,9 +109,7 @@ def run(args, log=print):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    flags = [o for o in args.opts[::2] if o.startswith("--")]
-    if flags:  # argparse hands everything after the first KEY to the KEY VALUE list
-        print(f"error: put the options before the KEY VALUE pairs: {' '.join(flags)}", file=sys.stderr)
+    if report_misplaced_flags(args.opts):
         return 2
     try:
         return run(args)

@@ -26,7 +26,7 @@ import sys
 import time
 
 import robustreid  # noqa: F401  (compat patches + registrations)
-from robustreid.cli import OneLineParser
+from robustreid.cli import OneLineParser, report_misplaced_flags
 from robustreid.attacks import (AttackConfigError, build_defense, build_surrogate_extractor,
                                 eps_unit)
 from robustreid.config import ConfigError, load_config
@@ -159,9 +159,7 @@ def run(ns, settings, checked_cfg, defense):
 
 def main(argv=None):
     ns = build_parser().parse_args(argv)
-    flags = [o for o in ns.opts[::2] if o.startswith("--")]
-    if flags:  # argparse hands everything after the first KEY to the KEY VALUE list
-        print(f"error: put the options before the KEY VALUE pairs: {' '.join(flags)}", file=sys.stderr)
+    if report_misplaced_flags(ns.opts):
         return 2
     try:
         settings, cfg, defense = check_inputs(ns)

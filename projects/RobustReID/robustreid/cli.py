@@ -10,3 +10,12 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def report_misplaced_flags(opts):
+    """True (after printing one "error: ..." line) if "--flags" ended up in a tool's trailing
+    KEY VALUE list: argparse hands everything after the first KEY to it."""
+    flags = [o for o in opts[::2] if o.startswith("--")]
+    if flags:
+        print(f"error: put the options before the KEY VALUE pairs: {' '.join(flags)}", file=sys.stderr)
+    return bool(flags)

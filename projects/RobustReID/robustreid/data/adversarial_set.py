@@ -38,8 +38,8 @@ from typing import Callable, Dict, List, Sequence
 import numpy as np
 import torch
 
-from .balancing.generate import link_or_copy
-from .balancing.manifest import (MANIFEST_FILE, MANIFEST_FORMAT, SYNTHETIC_NAME, TRAIN_DIR,
+from .balancing.generate import link_real_images, remove_partial_files
+from .balancing.manifest import (MANIFEST_FILE, MANIFEST_FORMAT, TRAIN_DIR,
                                  BalancedSetError, label_int, read_manifest, synthetic_file_name,
                                  write_manifest)
 from .validation import DatasetError
@@ -193,22 +193,8 @@ class AdversarialSetWriter:
         if os.path.exists(os.path.join(self.out_dir, MANIFEST_FILE)):
             old = read_manifest(self.out_dir, require_complete=False)
             self._check_old(old)
-        for name in os.listdir(self.train_dir):  # leftovers of a kill: half-written files
-            if name.startswith(".") and name.endswith(".tmp"):
-                os.remove(os.path.join(self.train_dir, name))
-
-        real, seen = [], {}
-        for path, pid, camid in self.items:
-            name = os.path.basename(path)
-            if name in seen:
-                raise BalancedSetError(f"two training images share the file name {name}: {seen[name]} "
-                                       f"and {path}")
-            if SYNTHETIC_NAME.match(name):
-                raise BalancedSetError(f"real image {path} is named like a synthetic one")
-            seen[name] = path
-            link_or_copy(path, os.path.join(self.train_dir, name))
-            real.append({"file": f"{TRAIN_DIR}/{name}", "pid": str(pid), "camid": str(camid),
-                         "source": os.path.abspath(path)})
+        remove_partial_files(self.train_dir)
+        real = link_real_images(self.items, self.train_dir)
 
         expected = {self._entry(i, 0)["file"]: i for i in range(len(self.items))}
         self.done = {}

@@ -30,6 +30,32 @@ __all__ = ["SimulatedKill", "BalancedSetWriter", "make_grid", "balanced_items"]
 JPEG_QUALITY = 95
 
 
+def remove_partial_files(train_dir: str) -> None:
+    """Delete the half-written temporary files a killed run leaves in ``train_dir``."""
+    for name in os.listdir(train_dir):
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.remove(os.path.join(train_dir, name))
+
+
+def link_real_images(items, train_dir: str) -> list:
+    """Link each real training image (``items``: (path, pid, camid, ...)) into ``train_dir`` under its
+    own name; returns their manifest entries. Two images with one name, or a real image named like a
+    synthetic one, would be read back wrongly: BalancedSetError."""
+    real, seen = [], {}
+    for path, pid, camid in (item[:3] for item in items):
+        name = os.path.basename(path)
+        if name in seen:
+            raise BalancedSetError(f"two training images share the file name {name}: "
+                                   f"{seen[name]} and {path}")
+        if SYNTHETIC_NAME.match(name):
+            raise BalancedSetError(f"real image {path} is named like a synthetic one")
+        seen[name] = path
+        link_or_copy(path, os.path.join(train_dir, name))
+        real.append({"file": f"{TRAIN_DIR}/{name}", "pid": str(pid), "camid": str(camid),
+                     "source": os.path.abspath(path)})
+    return real
+
+
 class SimulatedKill(RuntimeError):
     """Raised by ``BalancedSetWriter.run(kill_after=N)``: stops right after the N-th image file is
     written and before the manifest records it, the worst moment for a real kill."""
@@ -124,24 +150,8 @@ class BalancedSetWriter:
                     f"{self.out_dir} was generated with another diffusion checkpoint "
                     f"(sha256 {old['checkpoint']['sha256'][:12]} != {self.checkpoint['sha256'][:12]}): "
                     "choose another --output or pass --restart to regenerate it")
-        # leftovers of a kill: half-written temporary files
-        for name in os.listdir(self.train_dir):
-            if name.startswith(".") and name.endswith(".tmp"):
-                os.remove(os.path.join(self.train_dir, name))
-
-        real = []
-        seen = {}
-        for path, pid, camid in (item[:3] for item in self.real_items):
-            name = os.path.basename(path)
-            if name in seen:
-                raise BalancedSetError(f"two training images share the file name {name}: "
-                                       f"{seen[name]} and {path}")
-            if SYNTHETIC_NAME.match(name):
-                raise BalancedSetError(f"real image {path} is named like a synthetic one")
-            seen[name] = path
-            link_or_copy(path, os.path.join(self.train_dir, name))
-            real.append({"file": f"{TRAIN_DIR}/{name}", "pid": str(pid), "camid": str(camid),
-                         "source": os.path.abspath(path)})
+        remove_partial_files(self.train_dir)
+        real = link_real_images(self.real_items, self.train_dir)
 
         by_file = {self._entry(j)["file"]: j for j in self.jobs}
         self.done = {}
