@@ -220,6 +220,8 @@ def test_cli_writes_every_report_file(weights, datasets_root, tmp_path):
     assert "mAP/Rank-1" in table and "| Clean | FNA 8/255-2 | FNA 16/255-2 |" in table
     clean = dataset["clean"]
     assert f"| {clean['mAP']:.1f}/{clean['Rank-1']:.1f} |" in table
+    fna16 = dataset["cells"][1]  # the budget column, in the attack's unit
+    assert f"| {fna16['max_budget_used']:.4g}/255 of 16/255 |" in table
     for png in ("mAP_vs_eps.png", "per_identity_map.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| FNA 16/255-2 |" in result.stdout  # the table is printed too

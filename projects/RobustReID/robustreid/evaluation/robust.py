@@ -631,17 +631,21 @@ def robust_markdown(report):
     lines += papers_table([report])
 
     lines += ["", "| Dataset | Setting | Rank-1 | Rank-5 | Rank-10 | mAP | mINP | "
-              "per-ID mAP mean ± std | max L-inf (/255) | attack s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "per-ID mAP mean ± std | max L-inf (/255) | max budget used | attack s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in datasets:
         for name, r in [("Clean", d["clean"])] + [(c["label"], c) for c in d["cells"]]:
             per_id = r["per_identity_mAP"]
             linf = f"{r['max_linf_255']:.3f}" if "max_linf_255" in r else "0"
+            # in the attack's own budget unit: L-inf /255, or WMA's transport cost per unit mass
+            used = (f"{r['max_budget_used']:.4g}{eps_unit(r['attack'])} of "
+                    f"{format_eps(r['eps'])}{eps_unit(r['attack'])}" if "max_budget_used" in r else "")
             seconds = f"{r['seconds']['attack']:.1f}" if "seconds" in r else ""
             lines.append(f"| {d['dataset']} | {name} | " + " | ".join(f"{r[m]:.1f}" for m in METRICS)
-                         + f" | {per_id['mean']:.1f} ± {per_id['std']:.1f} | {linf} | {seconds} |")
+                         + f" | {per_id['mean']:.1f} ± {per_id['std']:.1f} | {linf} | {used} | "
+                         f"{seconds} |")
         lines.append(f"| {d['dataset']} | chance | {d['chance']['Rank-1']:.1f} | | | "
-                     f"{d['chance']['mAP']:.1f} | | | | |")
+                     f"{d['chance']['mAP']:.1f} | | | | | |")
     return "\n".join(lines) + "\n"
 
 
