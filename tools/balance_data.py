@@ -113,7 +113,8 @@ def source_items(cfg):
 
 def load_model(cfg, items, output, progress, log=print):
     """The trained diffusion model and its checkpoint {path, sha256, step} (trains if needed)."""
-    from robustreid.data.balancing.diffusion import EDMDiffusion, labels_from_items, load_images, sha256_file
+    from robustreid.checksums import sha256_of
+    from robustreid.data.balancing.diffusion import EDMDiffusion, labels_from_items, load_images
 
     b = cfg.BALANCE
     pids, cams = labels_from_items(items)
@@ -147,7 +148,7 @@ def load_model(cfg, items, output, progress, log=print):
             train_info = model.train(images, labels, steps, checkpoint_path=path, progress=progress, log=log)
         elif not os.path.isfile(path):  # 0 steps asked: still a checkpoint to hash and record
             model.save(path)
-    checkpoint = {"path": os.path.abspath(path), "sha256": sha256_file(path), "step": model.step}
+    checkpoint = {"path": os.path.abspath(path), "sha256": sha256_of(path), "step": model.step}
     return model, checkpoint, train_info
 
 

@@ -25,6 +25,7 @@ import sys
 
 import robustreid  # noqa: F401  (compat patches + registrations)
 from robustreid.attacks import AttackConfigError, ReidFeatureExtractor, build_attack, eps_unit
+from robustreid.checksums import sha256_of
 from robustreid.cli import OneLineParser, report_misplaced_flags
 from robustreid.config import ConfigError, load_config
 from robustreid.data.adversarial_set import AdversarialSetWriter, clean_transform, make_crafter
@@ -32,7 +33,6 @@ from robustreid.data.balancing import BALANCED_NAME, BalancedSetError
 from robustreid.data.validation import build_dataset
 from robustreid.engine import (USER_ERRORS, RobustTrainer, check_weights, check_weights_fit,
                                resolve_device)
-from robustreid.evaluation.robust import sha256_of
 
 DISTANCE = "euclidean"  # the papers' attack distance (AMA's loss normalises features: either is one)
 

@@ -26,6 +26,7 @@ import sys
 import time
 
 import robustreid  # noqa: F401  (compat patches + registrations)
+from robustreid.checksums import sha256_of
 from robustreid.cli import OneLineParser, report_misplaced_flags
 from robustreid.attacks import (AttackConfigError, build_defense, build_surrogate_extractor,
                                 eps_unit)
@@ -34,7 +35,7 @@ from robustreid.engine import (USER_ERRORS, RobustTrainer, check_weights, check_
                                preflight, setup)
 from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
                                           check_attack_settings, parse_attack_options,
-                                          robust_markdown, sanity_checks, sha256_of, write_report)
+                                          robust_markdown, sanity_checks, write_report)
 
 OPTION_NAMES = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
                 "distance": "--distance", "eot": "--eot", "options": "--attack-option"}

@@ -16,7 +16,6 @@ standard deviation over identities (population std), DDDefense's fairness measur
 Not applied here: TEST.FLIP, TEST.AQE and TEST.RERANK (plain retrieval with TEST.METRIC).
 """
 import ast
-import hashlib
 import json
 import logging
 import os
@@ -563,14 +562,6 @@ def sanity_checks(evaluator, result, tolerance=MONOTONE_TOLERANCE, large_eps=LAR
 
 
 # --------------------------------------------------------------------------- reports
-
-def sha256_of(path, block=1 << 20):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def environment():
     """Versions and device that produced the numbers."""

@@ -22,7 +22,6 @@ embedding(id) + embedding(camera), which composes to (id, camera) pairs absent f
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import time
@@ -38,18 +37,10 @@ from diffusers.training_utils import EMAModel
 logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_FORMAT", "SAMPLERS", "IdCameraEmbedding", "EDMDiffusion", "load_images",
-           "sha256_file", "model_settings", "labels_from_items"]
+           "model_settings", "labels_from_items"]
 
 CHECKPOINT_FORMAT = "robustreid-edm-v1"
 SAMPLERS = ("heun", "euler", "dpmsolver")
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_settings(bcfg) -> Dict:
