@@ -16,11 +16,21 @@ FAISS=faiss-cpu
 [ "${1:-}" = "--gpu" ] && FAISS=faiss-gpu
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP="$VENV/bin/python -m pip --disable-pip-version-check"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check --no-cache-dir"
 stamp="$VENV/.robustreid-setup-$FAISS-$(cat setup.py requirements.txt scripts/setup.sh | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ]; then
   echo "[setup] $VENV is up to date ($stamp)"
   exit 0
+fi
+# torch 2.14.1 from PyPI is a CUDA build: with its nvidia-* and triton wheels the venv takes ~6.2 GB.
+# A full disk otherwise surfaces as pip's "[Errno 28] No space left on device" halfway through.
+NEED_MB=${ROBUSTREID_SETUP_NEED_MB:-6500}
+free_mb=$(df -Pk "$VENV" | awk 'NR==2 {printf "%d", $4 / 1024}')
+echo "[setup] $free_mb MB free on the file system of $VENV (torch needs about $NEED_MB MB)"
+if [ "$free_mb" -lt "$NEED_MB" ] && ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+  echo "error: only $free_mb MB free under $(cd "$VENV" && pwd); installing torch 2.14.1 needs" \
+       "about $NEED_MB MB (ROBUSTREID_SETUP_NEED_MB overrides the check)" >&2
+  exit 28
 fi
 echo "[setup] installing torch/torchvision (large, from the local wheel cache when present)"
 $PIP install -q torch==2.14.1 torchvision==0.29.1

@@ -71,7 +71,11 @@ def test_fold_is_made_once_per_block_and_follows_weight_updates(tmp_path):
     after = extractor(x)
     reference = ReidFeatureExtractor(model, fold_bn=False)(x)
     assert not torch.allclose(after, first)  # the new weights are used ...
-    assert torch.allclose(after, reference, rtol=1e-4, atol=1e-4)  # ... and folded correctly
+    # ... and folded correctly. After an lr-1 step features reach ~1e4: float rounding scales with
+    # them (elementwise rtol fails on the small entries, measured 8e-4 on one CPU), a stale fold
+    # would be off by O(1) of the scale.
+    error = (after - reference).abs().max()
+    assert error <= 1e-5 * reference.abs().max()
 
 
 def test_models_with_forward_hooks_are_not_folded(tmp_path):
