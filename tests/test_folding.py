@@ -54,7 +54,9 @@ def test_folded_model_matches_features_and_input_gradients(tmp_path, opts):
     assert count_bn(folded) < before and count_bn(model) == before  # folded in the copy only
 
 
-def test_fold_is_made_once_per_block_and_follows_weight_updates(tmp_path):
+def test_fold_is_built_once_and_refreshed_from_the_live_weights(tmp_path, monkeypatch):
+    import copy as copy_module
+
     from robustreid.attacks import ReidFeatureExtractor
 
     model = _model(tmp_path)
@@ -68,7 +70,15 @@ def test_fold_is_made_once_per_block_and_follows_weight_updates(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     _train_losses(model)["loss_cls"].backward()
     optimizer.step()
-    after = extractor(x)
+    with torch.no_grad():
+        _train_losses(model)  # running statistics move too
+    deep_copies = []
+    monkeypatch.setattr(copy_module, "deepcopy", lambda *a, **k: deep_copies.append(a))
+    with extractor.frozen_eval():
+        after = extractor(x)
+        assert extractor._eval_model() is copy  # the same copy, refreshed in place ...
+    assert not deep_copies  # ... never deep-copied again
+    monkeypatch.undo()
     reference = ReidFeatureExtractor(model, fold_bn=False)(x)
     assert not torch.allclose(after, first)  # the new weights are used ...
     # ... and folded correctly. After an lr-1 step features reach ~1e4: float rounding scales with
@@ -76,6 +86,23 @@ def test_fold_is_made_once_per_block_and_follows_weight_updates(tmp_path):
     # would be off by O(1) of the scale.
     error = (after - reference).abs().max()
     assert error <= 1e-5 * reference.abs().max()
+    assert all(not p.requires_grad for p in copy.parameters())
+
+
+def test_training_attack_phase_keeps_one_extractor_across_steps(tmp_path):
+    from robustreid.engine.train_steps import MetricAdversarialBatch
+
+    model = _model(tmp_path)
+    phase = MetricAdversarialBatch("FNA", eps=5, steps=1, step_size=0, distance="euclidean",
+                                   include_clean=False)
+    batch = {"images": torch.rand(8, 3, 64, 32) * 255, "targets": torch.arange(4).repeat(2),
+             "camids": torch.zeros(8, dtype=torch.long)}
+    flags = [p.requires_grad for p in model.parameters()]
+    phase(model, dict(batch))
+    extractor = phase.extractor(model)
+    phase(model, dict(batch))
+    assert phase.extractor(model) is extractor and len(extractor._folded) == 1
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
 
 
 def test_models_with_forward_hooks_are_not_folded(tmp_path):

@@ -5,10 +5,10 @@ import contextlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from fastreid.layers.any_softmax import Linear as LinearClassifier
 
-from .folding import can_fold, fold_batchnorm
+from ..parallel import unwrap
+from .folding import FoldedModel, can_fold
 from .validation import AttackConfigError
 
 
@@ -29,20 +29,23 @@ class ReidFeatureExtractor(nn.Module):
     caller's train/eval modes and ``requires_grad`` flags are restored afterwards.
 
     ``fold_bn`` runs a copy of the model with eval-mode BatchNorm folded into the convolutions (same
-    function, fewer passes: :mod:`robustreid.attacks.folding`), made once per outermost
-    :meth:`frozen_eval` block (the weights cannot change inside one; wrap many calls in one block to
-    fold once); models with forward hooks (e.g. noise modules) always run as they are.
+    function, fewer passes: :mod:`robustreid.attacks.folding`). The copy is built on first use and
+    refreshed from the live weights once per outermost :meth:`frozen_eval` block (the weights cannot
+    change inside one; wrap many calls in one block to refresh once), so an extractor kept across
+    training steps never deep-copies the model again; models with forward hooks (e.g. noise modules)
+    always run as they are.
     """
 
     def __init__(self, model, defense=None, fold_bn=True):
         super().__init__()
         # The module inside DistributedDataParallel: attack forwards/backwards must not trigger
         # DDP's gradient synchronisation.
-        self.model = model.module if isinstance(model, DistributedDataParallel) else model
+        self.model = unwrap(model)
         self.defense = defense
         self.fold_bn = fold_bn
         self._frozen = False
         self._folded = []  # a plain list: the copy must not become a registered submodule
+        self._folded_is_current = False
 
     @contextlib.contextmanager
     def frozen_eval(self):
@@ -60,7 +63,7 @@ class ReidFeatureExtractor(nn.Module):
             yield
         finally:
             self._frozen = False
-            self._folded.clear()  # weights may change before the next block
+            self._folded_is_current = False  # weights may change before the next block
             for m, mode in modes:
                 m.training = mode
             for p, flag in grad_flags:
@@ -71,8 +74,11 @@ class ReidFeatureExtractor(nn.Module):
         if not self.fold_bn or not can_fold(self.model):
             return self.model
         if not self._folded:
-            self._folded.append(fold_batchnorm(self.model))
-        return self._folded[0]
+            self._folded.append(FoldedModel(self.model))
+        elif not self._folded_is_current:
+            self._folded[0].refresh()
+        self._folded_is_current = self._frozen  # outside a block every call refreshes
+        return self._folded[0].module
 
     def forward(self, x01):
         images = x01 if self.defense is None else self.defense(x01)

@@ -47,12 +47,12 @@ from fastreid.data.transforms import build_transforms
 from fastreid.engine.hooks import HookBase
 from fastreid.utils.events import get_event_storage
 from torch.func import functional_call
-from torch.nn.parallel import DistributedDataParallel
 
 from ..data.synth_reid import TIME_LABELS
 from ..modeling.losses.adin import (NuisanceHead, calibrated_negative_entropy_loss,
                                     focal_entropy_loss, negative_entropy_loss,
                                     nuisance_class_prior, reverse_gradient_loss)
+from ..parallel import unwrap
 from .distributed import mean_across_ranks
 from .hooks import StepSchedulerEachEpoch
 from .part_optimizer import build_part_optimizer
@@ -60,16 +60,12 @@ from .part_optimizer import build_part_optimizer
 logger = logging.getLogger(__name__)
 
 __all__ = ["ScheduleState", "NuisanceAdversary", "build_nuisance_adversary", "ADINSchedule",
-           "PrototypeMemoryInit", "build_dg_hooks", "identity_logits", "unwrap",
+           "PrototypeMemoryInit", "build_dg_hooks", "identity_logits",
            "IDENTITY_LOSSES", "STAGES"]
 
 # fastreid's identity losses (Baseline.losses); the adversarial sub-problem drops them
 IDENTITY_LOSSES = ("loss_cls", "loss_triplet", "loss_circle", "loss_cosface")
 STAGES = ("pretrain", "adversarial", "identity", "joint")
-
-
-def unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class ScheduleState:

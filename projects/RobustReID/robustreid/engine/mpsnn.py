@@ -32,12 +32,12 @@ import random
 import torch
 from fastreid.engine.hooks import HookBase
 from torch.func import functional_call
-from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError
 from ..modeling.losses.mpsnn import fca_loss, mpsnn_loss_terms, noise_regularizer
 from ..modeling.noise import (META_TASKS, anisotropic_factor, isotropic_scale_names, noise_disabled,
                               split_noise_parameters, take_clean_features)
+from ..parallel import unwrap
 from .distributed import mean_across_ranks
 from .meta_step import meta_losses, split_by_identity, subset
 from .train_steps import MetricAdversarialBatch
@@ -47,10 +47,6 @@ __all__ = ["MpsnnHook", "MpsnnObjective", "build_mpsnn_phases", "build_noise_opt
 
 ALTERNATIONS = ("sequential", "shared")
 OUTER_LOSSES = ("thesis", "mldg")
-
-
-def _unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 @contextlib.contextmanager
@@ -192,7 +188,7 @@ class MpsnnObjective:
 
     # --- the loss ---------------------------------------------------------------------------------
     def __call__(self, model, data, optimizer):
-        module = _unwrap(model)
+        module = unwrap(model)
         self._last = (module, data, optimizer)
         is_adv = data.get("is_adversarial")
         if is_adv is not None:

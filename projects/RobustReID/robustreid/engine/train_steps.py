@@ -22,12 +22,12 @@ import torch
 from fastreid.engine.train_loop import SimpleTrainer
 from fastreid.utils.events import get_event_storage
 from torch.func import functional_call
-from torch.nn.parallel import DistributedDataParallel
 
 from ..attacks import GuideSet, ReidFeatureExtractor, build_attack
 from ..config import ConfigError
 from ..modeling.dg_config import check_dg_config
 from ..modeling.losses.soft_labels import smooth_labels
+from ..parallel import unwrap
 from .adversarial_learning import FeatureAdversary
 from .distributed import mean_across_ranks
 from .fnes import FnesSettings, fnes_images, fnes_labels, sample_omega
@@ -62,6 +62,7 @@ class MetricAdversarialBatch:
         self.fnes = fnes
         self.num_classes = num_classes
         self.clean_lambda = clean_lambda
+        self._extractor = None
 
     @classmethod
     def from_config(cls, cfg):
@@ -71,8 +72,15 @@ class MetricAdversarialBatch:
                    fnes=fnes, num_classes=cfg.MODEL.HEADS.NUM_CLASSES,
                    clean_lambda=1.0 - cfg.MODEL.LOSSES.CE.EPSILON)
 
+    def extractor(self, model):
+        """One extractor per model across steps: its BN-folded copy is built once and refreshed
+        in place each step, never deep-copied again."""
+        if self._extractor is None or self._extractor.model is not unwrap(model):
+            self._extractor = ReidFeatureExtractor(model)
+        return self._extractor
+
     def __call__(self, model, batch):
-        extractor = ReidFeatureExtractor(model)
+        extractor = self.extractor(model)
         attack = build_attack(self.attack_name, extractor, eps=self.eps, steps=self.steps,
                               step_size=self.step_size, distance=self.distance)
         images01 = batch["images"].div(255.0)  # loader images are in [0, 255]
@@ -160,7 +168,7 @@ class TrainingObjective:
         if self.meta_test_fraction is None:
             losses, outputs = model(data, return_outputs=True)
             return self._with_adversaries(losses, outputs, data, update=True)
-        module = model.module if isinstance(model, DistributedDataParallel) else model
+        module = unwrap(model)
         test_rows = split_by_identity(data["targets"], self.meta_test_fraction)
         meta_train, meta_test = subset(data, ~test_rows), subset(data, test_rows)
 

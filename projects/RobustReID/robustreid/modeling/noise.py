@@ -22,7 +22,8 @@ import contextlib
 import torch
 from fastreid.config import CfgNode as CN
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+
+from ..parallel import unwrap
 
 __all__ = ["AnisotropicNoise", "IsotropicNoise", "NoiseAveragedModel", "NoiseModules",
            "add_mpsnn_config", "anisotropic_factor", "attach_noise_modules", "noise_disabled",
@@ -203,13 +204,9 @@ class NoiseModules(nn.Module):
         self.hooked = []
 
 
-def _unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def noise_modules_of(model):
     """``model.noise_modules`` (DDP unwrapped), or None when no noise is attached."""
-    return getattr(_unwrap(model), "noise_modules", None)
+    return getattr(unwrap(model), "noise_modules", None)
 
 
 def _containers_chain(name, module):
@@ -264,7 +261,7 @@ def attach_noise_modules(model, cfg):
     noise_cfg = cfg.MODEL.NOISE
     if not noise_cfg.ENABLED:
         return model
-    model = _unwrap(model)
+    model = unwrap(model)
     if noise_modules_of(model) is not None:
         raise ValueError("the model already carries noise modules")
     backbone = getattr(model, "backbone", None)
@@ -322,7 +319,7 @@ def split_noise_parameters(model):
     noise = noise_modules_of(model)
     scales = list(noise.isotropic.parameters()) if noise is not None else []
     ids = {id(p) for p in scales}
-    return scales, [p for p in _unwrap(model).parameters() if id(p) not in ids]
+    return scales, [p for p in unwrap(model).parameters() if id(p) not in ids]
 
 
 def isotropic_scale_names(model):
