@@ -87,6 +87,8 @@ def test_fold_is_built_once_and_refreshed_from_the_live_weights(tmp_path, monkey
     error = (after - reference).abs().max()
     assert error <= 1e-5 * reference.abs().max()
     assert all(not p.requires_grad for p in copy.parameters())
+    conv_weights = [m.weight for m in copy.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
 
 
 def test_training_attack_phase_keeps_one_extractor_across_steps(tmp_path):

@@ -33,16 +33,19 @@ class ReidFeatureExtractor(nn.Module):
     refreshed from the live weights once per outermost :meth:`frozen_eval` block (the weights cannot
     change inside one; wrap many calls in one block to refresh once), so an extractor kept across
     training steps never deep-copies the model again; models with forward hooks (e.g. noise modules)
-    always run as they are.
+    always run as they are. ``channels_last`` stores the copy's weights channels-last, so its
+    convolutions run in NHWC (oneDNN on CPU, cuDNN on GPU): 14% less time per Metric AT step of
+    the demo ResNet-18 on a 2-core CPU (tools/bench_train_cost.py), same features to float rounding.
     """
 
-    def __init__(self, model, defense=None, fold_bn=True):
+    def __init__(self, model, defense=None, fold_bn=True, channels_last=True):
         super().__init__()
         # The module inside DistributedDataParallel: attack forwards/backwards must not trigger
         # DDP's gradient synchronisation.
         self.model = unwrap(model)
         self.defense = defense
         self.fold_bn = fold_bn
+        self.channels_last = channels_last
         self._frozen = False
         self._folded = []  # a plain list: the copy must not become a registered submodule
         self._folded_is_current = False
@@ -74,7 +77,7 @@ class ReidFeatureExtractor(nn.Module):
         if not self.fold_bn or not can_fold(self.model):
             return self.model
         if not self._folded:
-            self._folded.append(FoldedModel(self.model))
+            self._folded.append(FoldedModel(self.model, self.channels_last))
         elif not self._folded_is_current:
             self._folded[0].refresh()
         self._folded_is_current = self._frozen  # outside a block every call refreshes

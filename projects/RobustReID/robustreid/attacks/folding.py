@@ -47,7 +47,7 @@ class FoldedModel:
     convolutions from their live conv + BN, every other parameter and buffer copied as is.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, channels_last=False):
         self.module = copy.deepcopy(model).eval()
         self._pairs = []  # (fused conv in the copy, live conv, live bn)
         fused_names = set()
@@ -61,6 +61,8 @@ class FoldedModel:
                 setattr(parent, bn_name, nn.Identity())
                 self._pairs.append((fused, live_conv, live_bn))
                 fused_names.update({prefix + conv_name + ".weight", prefix + conv_name + ".bias"})
+        if channels_last:  # before collecting tensors: conversion may replace them; copy_ keeps it
+            self.module.to(memory_format=torch.channels_last)
         live = dict(_named_tensors(model))
         self._copies = [(tensor, live[name]) for name, tensor in _named_tensors(self.module)
                         if name not in fused_names]
