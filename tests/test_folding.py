@@ -31,7 +31,7 @@ def test_folded_model_matches_features_and_input_gradients(tmp_path, opts):
     import torch.nn as nn
 
     from robustreid.attacks import ReidFeatureExtractor
-    from robustreid.attacks.folding import fold_batchnorm
+    from robustreid.attacks.folding import FoldedModel
 
     model = _model(tmp_path, *opts)
     x = torch.rand(4, 3, 64, 32)
@@ -50,7 +50,7 @@ def test_folded_model_matches_features_and_input_gradients(tmp_path, opts):
         return sum(isinstance(module, nn.BatchNorm2d) for module in m.modules())
 
     before = count_bn(model)
-    folded = fold_batchnorm(model.eval())
+    folded = FoldedModel(model.eval()).module
     assert count_bn(folded) < before and count_bn(model) == before  # folded in the copy only
 
 

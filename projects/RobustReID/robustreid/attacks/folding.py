@@ -33,11 +33,6 @@ def _conv_bn_pairs(parent):
             yield name, bn_name
 
 
-def fold_batchnorm(model):
-    """A copy of ``model`` (which must be in eval mode) with every foldable BN folded."""
-    return FoldedModel(model).module
-
-
 class FoldedModel:
     """A BN-folded copy of a model, made once and refreshed in place from the live weights.
 
