@@ -432,3 +432,43 @@ def test_surrogate_extractor_loads_config_and_weights(fastreid_model, tmp_path):
     with torch.no_grad():
         assert torch.allclose(surrogate(x), ReidFeatureExtractor(fastreid_model)(x), atol=1e-5)
 
+
+
+# --- tools/bench_attack.py ------------------------------------------------------------------------
+BENCH_ARGS = ["--batch", "4", "--ids", "2", "--steps", "2", "--repeats", "1",
+              "INPUT.SIZE_TEST", "[64,32]"]
+
+
+def load_bench_attack():
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("bench_attack",
+                                                  os.path.join(REPO, "tools", "bench_attack.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_bench_attack_times_the_steps_of_the_module_the_attack_runs(capsys):
+    import re
+
+    assert load_bench_attack().main(BENCH_ARGS) == 0
+    out = capsys.readouterr().out
+    step_ms = float(re.search(r"inside FNA's 2 steps: ([0-9.]+) ms", out).group(1))
+    fna_ms = float(re.search(r"FNA: +([0-9.]+) ms", out).group(1))
+    share = float(re.search(r"overhead_share=([0-9.]+)$", out.strip()).group(1))
+    assert 0 < step_ms < fna_ms and 0 < share < 1, out
+
+
+def test_bench_attack_fails_loudly_when_its_timers_measure_nothing(capsys, monkeypatch):
+    import copy
+
+    # The timers end up on a module the attack never runs (as when they wrapped the live model
+    # while attacks ran its BN-folded copy): no share can be computed.
+    monkeypatch.setattr(ReidFeatureExtractor, "eval_model",
+                        lambda self: copy.deepcopy(self.model).eval())
+    assert load_bench_attack().main(BENCH_ARGS) == 1
+    captured = capsys.readouterr()
+    assert "overhead_share" not in captured.out
+    assert captured.err.startswith("error: the model timers saw 0 gradient forwards")

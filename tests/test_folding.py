@@ -64,9 +64,9 @@ def test_fold_is_built_once_and_refreshed_from_the_live_weights(tmp_path, monkey
     x = torch.rand(4, 3, 64, 32)
     with extractor.frozen_eval():
         first = extractor(x)
-        copy = extractor._eval_model()
+        copy = extractor.eval_model()
         extractor(x)
-        assert extractor._eval_model() is copy  # one fold per block
+        assert extractor.eval_model() is copy  # one fold per block
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     _train_losses(model)["loss_cls"].backward()
     optimizer.step()
@@ -76,7 +76,7 @@ def test_fold_is_built_once_and_refreshed_from_the_live_weights(tmp_path, monkey
     monkeypatch.setattr(copy_module, "deepcopy", lambda *a, **k: deep_copies.append(a))
     with extractor.frozen_eval():
         after = extractor(x)
-        assert extractor._eval_model() is copy  # the same copy, refreshed in place ...
+        assert extractor.eval_model() is copy  # the same copy, refreshed in place ...
     assert not deep_copies  # ... never deep-copied again
     monkeypatch.undo()
     reference = ReidFeatureExtractor(model, fold_bn=False)(x)
@@ -114,4 +114,4 @@ def test_models_with_forward_hooks_are_not_folded(tmp_path):
     model.backbone.layer1.register_forward_hook(lambda m, i, o: o)
     extractor = ReidFeatureExtractor(model)
     with extractor.frozen_eval():
-        assert extractor._eval_model() is model
+        assert extractor.eval_model() is model

@@ -72,8 +72,9 @@ class ReidFeatureExtractor(nn.Module):
             for p, flag in grad_flags:
                 p.requires_grad_(flag)
 
-    def _eval_model(self):
-        """The model to run inside :meth:`frozen_eval`: its BN-folded copy when allowed."""
+    def eval_model(self):
+        """The module every forward runs inside :meth:`frozen_eval`: the BN-folded copy when
+        allowed, else the model itself (tools that time the attack's forwards hook this one)."""
         if not self.fold_bn or not can_fold(self.model):
             return self.model
         if not self._folded:
@@ -86,7 +87,7 @@ class ReidFeatureExtractor(nn.Module):
     def forward(self, x01):
         images = x01 if self.defense is None else self.defense(x01)
         with self.frozen_eval():
-            return self._eval_model()({"images": images * 255})
+            return self.eval_model()({"images": images * 255})
 
     @property
     def _classifier(self):
