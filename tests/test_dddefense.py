@@ -196,13 +196,46 @@ def _train(cfg):
     return trainer
 
 
-def test_every_switch_off_is_plain_training_bit_for_bit(tmp_path, datasets_root):
+def test_every_switch_off_is_fastreids_training_bit_for_bit(tmp_path, datasets_root):
+    """RobustTrainer with RobustBaseline and every switch off against fastreid's own DefaultTrainer
+    (Baseline, SimpleTrainer's step, fastreid's hooks and LR schedule), from the same initial
+    weights on the same batches: every weight and buffer equal after an epoch of steps. The
+    reference differs from stock fastreid only by robustreid.compat's torch 2 optimizer fix
+    (without it fastreid does not train at all)."""
+    from fastreid.engine import DefaultTrainer
+    from fastreid.engine.train_loop import SimpleTrainer
+    from fastreid.utils.env import seed_all_rng
+
+    from robustreid.engine import RobustTrainer
+
+    class FastreidTrainer(DefaultTrainer):
+        @classmethod
+        def test(cls, cfg, model):  # its end-of-training evaluation (numpy 2 breaks fastreid's
+            return {}               # Python ranker) reads the weights, never changes them
+
     opts = ("SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "100")
-    plain = _train(make_tiny_cfg(tmp_path / "a", *opts))
-    robust = _train(make_tiny_cfg(tmp_path / "b", *opts, "MODEL.META_ARCHITECTURE",
-                                  "RobustBaseline"))
-    for (name, a), b in zip(plain.model.state_dict().items(), robust.model.state_dict().values()):
-        assert torch.equal(a, b), name
+    seed_all_rng(0)
+    robust = RobustTrainer(make_tiny_cfg(tmp_path / "robust", *opts, "MODEL.META_ARCHITECTURE",
+                                         "RobustBaseline"))
+    (tmp_path / "fastreid").mkdir()  # fastreid expects default_setup to have made it
+    seed_all_rng(0)
+    reference = FastreidTrainer(make_tiny_cfg(tmp_path / "fastreid", *opts))
+    assert type(reference._trainer) is SimpleTrainer and type(reference.model).__name__ == "Baseline"
+    initial = {k: v.clone() for k, v in robust.model.state_dict().items()}
+    reference.model.load_state_dict(initial)
+    assert robust.max_iter == reference.max_iter >= 3
+    batches = [next(robust._trainer._data_loader_iter) for _ in range(robust.max_iter)]
+    for trainer in (robust, reference):
+        # fastreid normalises images in place: each trainer gets its own copies
+        trainer._trainer._data_loader_iter = iter([{**b, "images": b["images"].clone()}
+                                                   for b in batches])
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+    trained, expected = robust.model.state_dict(), reference.model.state_dict()
+    assert trained.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(trained[name], value), name
+    assert not torch.equal(expected["backbone.conv1.weight"], initial["backbone.conv1.weight"])
 
 
 def test_dddefense_trains_and_resumes_every_trainable_part(tmp_path, datasets_root):
