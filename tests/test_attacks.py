@@ -288,28 +288,37 @@ def test_settings_errors():
 
 
 # --- EOT -------------------------------------------------------------------------------------------
-def test_eot_averages_the_gradient_of_a_random_sign_model():
-    # One same-ID guide g and one other identity c: per sample the FNA loss is
-    # |s f - g|^2 - |s f - c|^2 = -2 s f.(g - c) + const, so every draw's gradient has norm
-    # |2 A^T (g - c)| and the expectation over s = +-1 is zero.
+def test_eot_gradient_is_the_mean_of_the_draws_gradients_by_hand():
+    # One same-ID guide g and one other identity c; each forward of the model multiplies the
+    # features by a random sign s = +-1, so the FNA loss of one draw is |s f - g|^2 - |s f - c|^2
+    # with f = A x. EOT over n draws must ascend the mean of the n draws' losses.
     extractor = toy_extractor(sign_flip=True)
     g, c = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])
     guides = GuideSet(torch.stack([g, c]), torch.tensor([1, 2]))
-    x = X[:1]
-    hand_norm = (2 * A2.T @ (g - c)).norm().item()
+    x, n, seed = X[:1], 8, 0
 
-    def gradient_norm(attack):
+    def attack_gradient(attack):
+        objective = attack.objective(x, PIDS[:1], guides)
         point = x.clone().requires_grad_(True)
-        attack.objective(x, PIDS[:1], guides)(point).backward()
-        return point.grad.norm().item()
+        torch.manual_seed(seed)
+        objective(point).backward()
+        return point.grad
 
-    torch.manual_seed(0)
+    def hand_gradient(signs):
+        point = x.clone().requires_grad_(True)
+        f = point.flatten(1) @ A2.T
+        (sum(sq(s * f, g) - sq(s * f, c) for s in signs) / len(signs)).sum().backward()
+        return point.grad
+
+    torch.manual_seed(seed)  # the signs the model will draw, in order (LinearReid's sign_flip)
+    signs = [int(torch.randint(0, 2, (1, 1)) * 2 - 1) for _ in range(n)]
+    assert sum(signs) not in (-n, 0, n)  # mixed, not balanced: the mean is neither one draw nor 0
     attack = build_attack("FNA", extractor, eps=8, steps=1)
-    single = [gradient_norm(attack) for _ in range(5)]
-    eot = EOTAttack(attack, 400)
-    assert attack.eot_samples == 1 and eot.eot_samples == 400
-    assert single == pytest.approx([hand_norm] * 5, rel=1e-5)
-    assert gradient_norm(eot) < 0.25 * hand_norm
+    eot = EOTAttack(attack, n)
+    assert attack.eot_samples == 1 and eot.eot_samples == n
+    assert torch.allclose(attack_gradient(attack), hand_gradient(signs[:1]), rtol=1e-6)
+    assert torch.allclose(attack_gradient(eot), hand_gradient(signs), rtol=1e-6)
+    assert not torch.allclose(hand_gradient(signs), hand_gradient(signs[:1]))
     adv = eot.perturb(x, PIDS[:1], guides)
     assert (adv - x).abs().max() <= 8 / 255 + 1e-6
 

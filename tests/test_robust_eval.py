@@ -132,17 +132,41 @@ def test_transfer_attack_from_a_surrogate(trained, evaluator):
     assert black_box["within_budget"] and black_box["mAP"] > white_box["mAP"]
 
 
-def test_defended_model_with_eot_and_bpda(trained):
-    from robustreid.attacks import build_defense
+def test_defended_model_with_eot_and_bpda(trained, evaluator):
+    from advertorch.defenses import MedianSmoothing2D
+
+    from robustreid.attacks import ReidFeatureExtractor, build_defense
     from robustreid.evaluation.robust import RobustEvaluator
 
     cfg, model, _ = trained
-    defense = build_defense("MedianSmoothing2D", bpda=True)
+    defense = build_defense("MedianSmoothing2D", bpda=True)  # advertorch's 2x2 median, BPDA
     ev = RobustEvaluator(cfg, model, "SynthReIDTiny", defense=defense, eot_samples=2, progress=False)
+    ev.evaluate_clean()
+    x = ev._x01(next(iter(ev._loader(ev.query))))
+    smooth, undefended = MedianSmoothing2D(kernel_size=2), ReidFeatureExtractor(model)
+    # The defense is part of the model: clean features are those of the smoothed images.
+    with torch.no_grad():
+        assert torch.allclose(ev.query.features[:len(x)], undefended(smooth(x)), atol=1e-5)
+    assert not torch.allclose(ev.query.features, evaluator.query.features, atol=1e-2)
+    # BPDA: the attack's gradient is the model's gradient at the smoothed images, passed straight
+    # through the filter (its own derivative would reach only each window's median pixel).
+    weights = torch.randn(len(x), 512, generator=torch.Generator().manual_seed(0))
+    point = x.clone().requires_grad_(True)
+    (ev.attack_extractor(point) * weights).sum().backward()
+    smoothed = smooth(x).requires_grad_(True)
+    (undefended(smoothed) * weights).sum().backward()
+    assert torch.allclose(point.grad, smoothed.grad, rtol=1e-4, atol=1e-7)
+    # EOT 2: each attack step forwards the queries twice through the defense.
+    passes = []
+    defense.register_forward_hook(lambda module, args, out: passes.append(len(args[0])))
     result = ev.run([cell("FNA", 0, 2), cell("FNA", 8, 2)])
     zero, fna = result["cells"]
-    assert numbers(zero) == numbers(result["clean"])  # the defense applies to clean images too
+    num_query = len(ev.query.items)
+    # eps 0: only the adversarial features' pass; eps 8: 2 steps x 2 draws, then that pass
+    assert sum(passes) == num_query * (1 + 2 * 2 + 1)
+    assert numbers(zero) == numbers(result["clean"])
     assert fna["eot_samples"] == 2 and fna["within_budget"]
+    assert fna["mAP"] < result["clean"]["mAP"]
 
 
 def test_a_budget_violation_stops_the_evaluation(evaluator):
