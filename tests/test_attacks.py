@@ -10,6 +10,7 @@ from fastreid.layers.any_softmax import Linear as LinearClassifier
 import robustreid.attacks as attacks
 from robustreid.attacks import (AttackConfigError, EOTAttack, GuideSet, ReidFeatureExtractor,
                                 build_attack, build_defense, eps_from_255)
+from robustreid.attacks.iterative import random_start
 
 from conftest import REPO, make_tiny_cfg
 
@@ -205,13 +206,20 @@ def test_budget_range_and_input_safety(name):
     x_before = x.clone()
     flags = [p.requires_grad for p in model.parameters()]
     attack = build_attack(name, extractor, eps=8, steps=5)
+    torch.manual_seed(0)
     with torch.no_grad():  # attacks enable gradients themselves
         adv = attack.perturb(x, pids)
     assert adv.shape == x.shape and not adv.requires_grad
     assert (adv - x).abs().max() <= 8 / 255 + 1e-6
     assert adv.min() >= 0 and adv.max() <= 1
-    assert (adv != x).any()
     assert all(seen.min() >= 0 and seen.max() <= 1 for seen in model.inputs)  # iterates stay images
+    # The steps climbed the objective from where they started (x, or the seeded random start):
+    # a random start alone moves the images too, but does not do this.
+    torch.manual_seed(0)
+    start = x + random_start(x, 8 / 255) if attack.rand_init else x
+    objective = attack.objective(x, pids)
+    with torch.no_grad():
+        assert objective(adv) > objective(start)
     assert torch.equal(x, x_before)
     assert model.training and [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())

@@ -76,11 +76,16 @@ def test_eps_zero_reproduces_clean_exactly(evaluator, attack):
 
 
 def test_budgets_hold_and_map_does_not_increase_with_eps(evaluator):
+    from robustreid.evaluation.robust import UniformNoise
+
     maps = [evaluator.clean["mAP"]]
     for eps in (8, 32):
         result = evaluator.evaluate_cell(cell("FNA", eps))
         assert result["within_budget"] and result["pixels_in_range"]
-        assert 0 < result["max_linf_255"] <= eps + 1e-3
+        assert result["max_linf_255"] <= eps + 1e-3
+        # FNA starts from a uniform draw of the ball, UniformNoise's draw: its steps must beat it
+        noise = evaluator.evaluate_attack(UniformNoise(eps), cell("NOISE", eps, 1))
+        assert result["mAP"] < noise["mAP"]
         maps.append(result["mAP"])
     assert maps[1] <= maps[0] + 0.5 and maps[2] <= maps[1] + 0.5, maps
 
