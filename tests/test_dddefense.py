@@ -280,6 +280,7 @@ def test_fnes_batch_marks_adversarial_rows_and_soft_labels(tiny_cfg):
     cfg.ADV_TRAIN.FNES.ENABLED = True
     cfg.ADV_TRAIN.INCLUDE_CLEAN = True
     cfg.ADV_TRAIN.STEPS = 2
+    torch.manual_seed(0)
     out = MetricAdversarialBatch.from_config(cfg)(model, batch)
     assert out["is_adversarial"].tolist() == [False] * 8 + [True] * 8
     soft = out["soft_targets"]
@@ -287,7 +288,17 @@ def test_fnes_batch_marks_adversarial_rows_and_soft_labels(tiny_cfg):
     assert torch.equal(soft[:8].argmax(1), batch["targets"])
     assert torch.allclose(soft[:8].max(1).values, torch.full((8,), 0.9))  # phi(y, 1 - CE.EPSILON)
     delta = (out["images"][8:] - batch["images"]).abs().amax()
-    assert 0 < delta <= 1.05 * 5 + 1e-3  # (1 - omega) * gamma <= 0.7 * 1.5 of the 5/255 budget
+    assert delta <= 1.05 * 5 + 1e-3  # (1 - omega) * gamma <= 0.7 * 1.5 of the 5/255 budget
+    # By hand from the same seeded draws: FNA's x_hat (the phase without FNES), then omega;
+    # x_adv = x + (1 - omega) gamma (x_hat - x) in [0, 1] (eq. 4).
+    cfg.ADV_TRAIN.FNES.ENABLED = False
+    torch.manual_seed(0)
+    x_hat = MetricAdversarialBatch.from_config(cfg)(model, batch)["images"][8:] / 255
+    w = (1 - torch.empty(8).uniform_(0.3, 0.8)).view(8, 1, 1, 1)
+    x = batch["images"] / 255
+    expected = (x + w * 1.5 * (x_hat - x)).clamp(0, 1)
+    assert torch.allclose(out["images"][8:] / 255, expected, atol=1e-6)
+    assert not torch.allclose(expected, x_hat, atol=1e-3)
 
 
 @pytest.mark.parametrize("opts, message", [
