@@ -36,6 +36,8 @@ import subprocess
 import sys
 from typing import NamedTuple, Optional
 
+from run_state import final_weights, resume_flags  # tools/run_state.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_RESULTS = os.path.join(REPO, "configs", "DDDefense", "paper_results.json")
 METHODS_DIR = os.path.join(REPO, "configs", "DDDefense", "methods")
@@ -267,11 +269,10 @@ def make_adversarial_set(plan, key):
 
 def train(plan, key):
     config, opts, out = plan.trainings[key]
-    if os.path.isfile(os.path.join(out, "model_final.pth")):
+    if os.path.isfile(final_weights(out)):
         return
-    resume = ["--resume"] if os.path.isfile(os.path.join(out, "last_checkpoint")) else []
     run([sys.executable, TRAIN_NET, "--config-file", config, "--num-gpus",
-         str(plan.args.num_gpus), *resume, *opts], os.path.join(out, "reproduce.log"))
+         str(plan.args.num_gpus), *resume_flags(out), *opts], os.path.join(out, "reproduce.log"))
 
 
 def evaluate(plan, evaluation):

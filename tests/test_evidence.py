@@ -1,0 +1,307 @@
+"""tools/evidence.py: statistics over seeds, its reports, resumable runs, input checks; one tiny run."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from conftest import REPO
+
+TOOLS = os.path.join(REPO, "tools")
+SPEC = os.path.join(REPO, "configs", "SynthReID", "evidence", "orderings.yml")
+BOT = os.path.join(REPO, "configs", "SynthReID", "bagtricks_R18.yml")
+METRIC_AT = os.path.join(REPO, "configs", "SynthReID", "demo_metric_at_R18.yml")
+T_975_2 = 4.302653  # Student-t quantile 0.975 with 2 degrees of freedom (tables)
+
+
+@pytest.fixture(scope="module")
+def tool():
+    # The tool imports its sibling tools (train_net, robust_eval, run_state) as a script would.
+    sys.path.insert(0, TOOLS)
+    spec = importlib.util.spec_from_file_location("evidence_tool", os.path.join(TOOLS, "evidence.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(TOOLS)
+
+
+# --------------------------------------------------------------------------- statistics
+
+def test_mean_and_sample_std():
+    from robustreid.evaluation.intervals import mean_std
+
+    mean, std = mean_std([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and std == pytest.approx(math.sqrt(5 / 3))  # ddof=1, not sqrt(5/4)
+    assert mean_std([7.0]) == (7.0, None)  # one seed: no spread to report
+
+
+def test_paired_t_interval_by_hand():
+    from robustreid.evaluation.intervals import paired_interval
+
+    # differences 1, 2, 3: mean 2, sd 1, se 1/sqrt(3); 2 -+ 4.302653/sqrt(3) = 2 -+ 2.484138
+    low, high = paired_interval([1.0, 2.0, 3.0])
+    assert low == pytest.approx(2 - T_975_2 / math.sqrt(3), abs=1e-6)
+    assert high == pytest.approx(2 + T_975_2 / math.sqrt(3), abs=1e-6)
+    assert high - 2 == pytest.approx(2.484138, abs=1e-6)
+    low, high = paired_interval([1.0, 2.0, 3.0], level=0.90)  # t_{0.95,2} = 2.919986
+    assert (low, high) == pytest.approx((2 - 2.919986 / math.sqrt(3), 2 + 2.919986 / math.sqrt(3)),
+                                        abs=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_interval([1.0])
+
+
+def test_bootstrap_interval_is_seeded_and_holds_the_mean():
+    from robustreid.evaluation.intervals import paired_interval
+
+    diffs = [0.5, 2.0, 1.0, 3.5, 1.5]
+    first = paired_interval(diffs, method="bootstrap", bootstrap_samples=2000, seed=3)
+    assert paired_interval(diffs, method="bootstrap", bootstrap_samples=2000, seed=3) == first
+    assert paired_interval(diffs, method="bootstrap", bootstrap_samples=2000, seed=4) != first
+    low, high = first
+    assert min(diffs) <= low < sum(diffs) / len(diffs) < high <= max(diffs)
+    # narrower than the t interval here (percentile bootstrap ignores the small-n t quantile)
+    t_low, t_high = paired_interval(diffs)
+    assert t_low < low and high < t_high
+
+
+# --------------------------------------------------------------------------- summary and reports
+
+def record(method, seed, clean_map, fna_map):
+    return {"method": method, "seed": seed, "metrics": {
+        "Clean mAP": clean_map, "Clean Rank-1": 90.0, "FNA 8/255-16 mAP": fna_map,
+        "FNA 8/255-16 Rank-1": 10.0}}
+
+
+def hand_made_results(tool, ci="t"):
+    # a - b on FNA mAP: seed 0: 11 - 10 = 1, seed 1: 14 - 12 = 2, seed 2: 12 - 9 = 3 (pairs by seed,
+    # whatever the record order)
+    records = [record("a", 0, 50.0, 11.0), record("b", 1, 41.0, 12.0), record("a", 1, 52.0, 14.0),
+               record("b", 0, 41.0, 10.0), record("a", 2, 54.0, 12.0), record("b", 2, 41.0, 9.0)]
+    summary = tool.summarize(records, [("a", "b")], ci=ci, bootstrap_samples=1000, bootstrap_seed=0)
+    return {"settings": {"seeds": [0, 1, 2], "robust_eval_options": []},
+            "methods": {"a": {"config": METRIC_AT, "overrides": ["ADV_TRAIN.STEPS", "2"],
+                              "weights_from": "b"},
+                        "b": {"config": BOT, "overrides": [], "weights_from": None}},
+            "summary": summary}
+
+
+def test_summary_cells_and_paired_differences(tool):
+    summary = hand_made_results(tool)["summary"]
+    assert summary["metrics"] == ["Clean mAP", "Clean Rank-1", "FNA 8/255-16 mAP",
+                                  "FNA 8/255-16 Rank-1"]
+    cell = summary["cells"]["a"]["Clean mAP"]
+    assert (cell["mean"], cell["std"], cell["n"]) == (52.0, 2.0, 3)
+    assert cell["values"] == {"0": 50.0, "1": 52.0, "2": 54.0}
+    assert summary["cells"]["b"]["Clean Rank-1"]["std"] == 0.0
+    fna = next(d for d in summary["differences"] if d["metric"] == "FNA 8/255-16 mAP")
+    assert fna["seeds"] == [0, 1, 2] and fna["differences"] == [1.0, 2.0, 3.0]
+    assert (fna["n"], fna["mean"]) == (3, 2.0)
+    assert (fna["low"], fna["high"]) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-5)
+    assert len(summary["differences"]) == 4  # one per metric
+    assert summary["interval"] == {"method": "t", "level": 0.95}
+
+
+def test_markdown_tables(tool):
+    lines = tool.markdown(hand_made_results(tool)).splitlines()
+    assert "| Method | n | Clean mAP | Clean Rank-1 | FNA 8/255-16 mAP | FNA 8/255-16 Rank-1 |" in lines
+    assert "| a | 3 | 52.00 ± 2.00 | 90.00 ± 0.00 | 12.33 ± 1.53 | 10.00 ± 0.00 |" in lines
+    assert "## Paired differences A − B (same seed), 95% Student-t interval" in lines
+    assert "| a − b | FNA 8/255-16 mAP | 3 | +2.00 | [-0.48, +4.48] | no |" in lines
+    assert "| a − b | Clean mAP | 3 | +11.00 | [+6.03, +15.97] | yes |" in lines  # diffs 9, 11, 13: sd 2
+    assert lines[-2:] == ["- a: configs/SynthReID/demo_metric_at_R18.yml, fine-tuning b: "
+                          "ADV_TRAIN.STEPS 2", "- b: configs/SynthReID/bagtricks_R18.yml"]
+    bootstrap = tool.markdown(hand_made_results(tool, ci="bootstrap"))
+    assert "95% percentile bootstrap (1000 resamples, seed 0) interval" in bootstrap
+
+
+# --------------------------------------------------------------------------- runs (faked)
+
+TINY = ["--dataset", "SynthReIDTiny", "--override", "DATALOADER.VERIFY_IMAGES", "False",
+        "--attacks", "FNA", "--steps", "1"]
+
+
+def opt(argv, key):
+    return argv[len(argv) - 1 - argv[::-1].index(key) + 1]  # the last value given to key
+
+
+@pytest.fixture
+def fake_runs(tool, monkeypatch):
+    """train/evaluate replaced by fakes that write what the real ones would (weights, config dump,
+    robust_eval's results.json) and record their argv."""
+    from robustreid.config import load_config
+
+    calls = {"train": [], "evaluate": []}
+
+    def train(argv):
+        calls["train"].append(argv)
+        opts = argv[argv.index("--config-file") + 2:]
+        opts = [o for o in opts if o != "--resume"]
+        out = opt(argv, "OUTPUT_DIR")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            f.write(load_config(argv[argv.index("--config-file") + 1], opts).dump())
+        with open(os.path.join(out, "model_final.pth"), "wb") as f:
+            f.write(out.encode())
+
+    def evaluate(argv):
+        calls["evaluate"].append(argv)
+        seed, method = int(opt(argv, "ROBUSTREID.SEED")), opt(argv, "OUTPUT_DIR").split(os.sep)[-2]
+        bonus = {"base": 0.0, "at": 5.0 + seed}[method]
+        report = {"settings": tool.eval_settings(argv), "datasets": [{
+            "dataset": "SynthReIDTiny", "clean": {"mAP": 60.0 + seed, "Rank-1": 80.0},
+            "cells": [{"label": "FNA 8/255-1", "mAP": 20.0 + seed + bonus, "Rank-1": 30.0}]}]}
+        os.makedirs(opt(argv, "--output"), exist_ok=True)
+        with open(os.path.join(opt(argv, "--output"), "results.json"), "w") as f:
+            json.dump(report, f)
+
+    monkeypatch.setattr(tool, "train", train)
+    monkeypatch.setattr(tool, "evaluate", evaluate)
+    return calls
+
+
+def methods_args(tmp_path, *extra):
+    return ["--method", f"base={BOT}", "--method", f"at={METRIC_AT}", "weights_from=base",
+            "ADV_TRAIN.STEPS", "2", "--compare", "at:base", "--seeds", "2",
+            "--output", str(tmp_path / "ev"), *TINY, *extra]
+
+
+def test_runs_results_json_and_resume(tool, fake_runs, tmp_path, datasets_root, capsys):
+    args = methods_args(tmp_path, "--max-queries", "4")
+    assert tool.main(args) == 0
+    out = capsys.readouterr().out
+    assert len(fake_runs["train"]) == 4 and len(fake_runs["evaluate"]) == 4
+    # the fine-tuned run starts from the base model of its own seed
+    at_seed1 = fake_runs["train"][3]
+    assert opt(at_seed1, "MODEL.WEIGHTS") == str(tmp_path / "ev" / "base" / "seed1" / "model_final.pth")
+    assert opt(at_seed1, "ROBUSTREID.SEED") == "1" and opt(at_seed1, "ADV_TRAIN.STEPS") == "2"
+    assert opt(fake_runs["evaluate"][0], "--max-queries") == "4"  # robust_eval option passed on
+    assert "[4/4] at seed 1: started (fine-tuning base/seed1)" in out
+    assert "[4/4] at seed 1: finished in " in out
+
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert results["settings"]["seeds"] == [0, 1]
+    assert results["settings"]["attacks"] == ["FNA"] and results["settings"]["steps"] == [1]
+    assert results["settings"]["robust_eval_options"] == ["--max-queries", "4"]
+    assert results["methods"]["at"] == {"config": METRIC_AT, "overrides": ["ADV_TRAIN.STEPS", "2"],
+                                        "weights_from": "base"}
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("base", 0), ("at", 0),
+                                                                  ("base", 1), ("at", 1)]
+    assert results["runs"][3]["metrics"] == {"Clean mAP": 61.0, "Clean Rank-1": 80.0,
+                                             "FNA 8/255-1 mAP": 27.0, "FNA 8/255-1 Rank-1": 30.0}
+    (fna,) = [d for d in results["summary"]["differences"] if d["metric"] == "FNA 8/255-1 mAP"]
+    assert fna["differences"] == [5.0, 6.0] and fna["n"] == 2
+    assert "| at − base | FNA 8/255-1 mAP | 2 | +5.50 |" in (tmp_path / "ev" / "results.md").read_text()
+    assert (tmp_path / "ev" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| at | 2 | 60.50 ± 0.71 |" in out  # the table is printed
+
+    # Everything is done: a second invocation trains and evaluates nothing.
+    assert tool.main(args) == 0
+    assert len(fake_runs["train"]) == 4 and len(fake_runs["evaluate"]) == 4
+    assert capsys.readouterr().out.count("skipped (finished earlier)") == 4
+
+    # Another attack setting re-evaluates every run, training none.
+    assert tool.main(methods_args(tmp_path, "--max-queries", "5")) == 0
+    assert len(fake_runs["train"]) == 4 and len(fake_runs["evaluate"]) == 8
+
+
+def test_partly_trained_run_resumes(tool, fake_runs, tmp_path, datasets_root, capsys):
+    assert tool.main(methods_args(tmp_path)) == 0
+    run = tmp_path / "ev" / "at" / "seed1"
+    (run / "model_final.pth").unlink()  # as if stopped after an intermediate checkpoint
+    (run / "last_checkpoint").write_text("model_0000.pth")
+    assert tool.main(methods_args(tmp_path)) == 0
+    assert len(fake_runs["train"]) == 5 and "--resume" in fake_runs["train"][4]
+    assert opt(fake_runs["train"][4], "OUTPUT_DIR") == str(run)
+    assert "at seed 1: started (resuming from its last checkpoint)" in capsys.readouterr().out
+
+
+def test_run_trained_with_another_config_is_refused(tool, fake_runs, tmp_path, datasets_root, capsys):
+    assert tool.main(methods_args(tmp_path)) == 0
+    capsys.readouterr()
+    code = tool.main(methods_args(tmp_path, "--override", "SOLVER.BASE_LR", "0.1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and len(fake_runs["train"]) == 4
+    assert err[0].startswith(f"error: {tmp_path / 'ev' / 'base' / 'seed0'} was trained with another "
+                             "config (SOLVER.BASE_LR: 0.00035 -> 0.1)")
+
+
+# --------------------------------------------------------------------------- input checks
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "a=/nonexistent.yml"], "method a: config file not found: /nonexistent.yml"),
+    (["--method", f"a={BOT}", "MODEL.NO_SUCH_KEY", "1"], "method a: command-line option: "
+                                                          "Non-existent key: MODEL.NO_SUCH_KEY"),
+    (["--method", f"a={BOT}", "SOLVER.BASE_LR"], "expected NAME=CONFIG [weights_from=NAME]"),
+    (["--method", f"a={BOT}", "--method", f"b={BOT}", "--compare", "a:c"],
+     "--compare a:c: unknown method 'c'; methods: a, b"),
+    (["--method", f"a={BOT}", "--method", f"b={BOT}", "--compare", "a:b", "--seeds", "1"],
+     "--seeds 1: a paired interval needs at least 2 seeds"),
+    (["--method", f"a={BOT}", "weights_from=z"], "method a: weights_from 'z' is not a method"),
+    (["--method", f"a={BOT}", "--method", f"a={BOT}"], "method 'a' is defined twice"),
+    (["--method", f"a={BOT}", "--attacks", "NOPE"], "method a: --attacks: unknown attack(s) ['NOPE']"),
+    (["--method", f"a={BOT}", "--attack-option", "FNA:nope=1"], "--attack-option: FNA"),
+    (["--method", f"a={BOT}", "--max-queries", "4", "stray"], "unrecognized arguments: stray"),
+    (["--spec", "/nonexistent.yml"], "--spec: file not found: /nonexistent.yml"),
+])
+def test_bad_input_is_one_error_line(tool, fake_runs, tmp_path, datasets_root, capsys, args, message):
+    code = tool.main([*args, "--dataset", "SynthReIDTiny", "--output", str(tmp_path / "ev")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: ") and message in err[0], err
+    assert not fake_runs["train"] and not (tmp_path / "ev").exists()  # stopped before any run
+
+
+def test_orderings_spec(tool):
+    from robustreid.config import load_config
+
+    methods, compare = tool.load_spec(SPEC)
+    methods = tool.order_methods(methods)
+    names = [m.name for m in methods]
+    assert names == ["undefended", "metric_at", "dddefense", "fnes", "discriminator", "self_meta",
+                     "clean_adv"]
+    assert compare == ["metric_at:undefended", "dddefense:metric_at"]
+    assert all(m.weights_from == "undefended" for m in methods[1:])
+    configs = {m.name: load_config(m.config, m.overrides) for m in methods}  # every key exists
+    switches = lambda c: (c.ADV_TRAIN.ENABLED, c.ADV_TRAIN.INCLUDE_CLEAN,  # noqa: E731
+                          c.ADV_TRAIN.FNES.ENABLED, c.ADV_TRAIN.DISCRIMINATOR.ENABLED,
+                          c.META_LEARNING.ENABLED)
+    assert switches(configs["undefended"]) == (False, False, False, False, False)
+    assert switches(configs["metric_at"]) == (True, False, False, False, False)
+    assert switches(configs["fnes"]) == (True, False, True, False, False)
+    assert switches(configs["discriminator"]) == (True, True, False, True, False)
+    assert switches(configs["self_meta"]) == (True, True, False, False, True)
+    assert switches(configs["clean_adv"]) == (True, True, False, False, False)
+    assert switches(configs["dddefense"]) == (True, True, True, True, True)
+    # the ablations differ from Metric AT only in their switches (same schedule and attack)
+    for name in ("fnes", "discriminator", "self_meta", "clean_adv"):
+        assert configs[name].SOLVER.MAX_EPOCH == configs["metric_at"].SOLVER.MAX_EPOCH
+        assert configs[name].ADV_TRAIN.STEPS == configs["metric_at"].ADV_TRAIN.STEPS
+
+
+# --------------------------------------------------------------------------- end to end
+
+@pytest.mark.usefixtures("one_thread")
+def test_tiny_end_to_end(tool, tmp_path, datasets_root, capsys):
+    """Real training and robust evaluation: 1 epoch, 2 seeds, FNA with 1 step on 4 queries."""
+    overrides = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
+                 "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "16", "TEST.IMS_PER_BATCH",
+                 "32", "SOLVER.MAX_EPOCH", "1", "SOLVER.STEPS", "[1]", "SOLVER.WARMUP_ITERS", "0",
+                 "SOLVER.CHECKPOINT_PERIOD", "1", "TEST.EVAL_PERIOD", "1"]
+    args = ["--method", f"bot={BOT}", *overrides, "--seeds", "2", "--max-queries", "4",
+            "--output", str(tmp_path / "ev"), *TINY]
+    assert tool.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished in") == 2
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    runs = results["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    assert all(set(r["metrics"]) == {"Clean mAP", "Clean Rank-1", "FNA 8/255-1 mAP",
+                                     "FNA 8/255-1 Rank-1"} for r in runs)
+    assert runs[0]["weights_sha256"] != runs[1]["weights_sha256"]  # the seeds trained two models
+    cell = results["summary"]["cells"]["bot"]["Clean mAP"]
+    assert cell["n"] == 2 and cell["std"] is not None
+    assert (tmp_path / "ev" / "bot" / "seed1" / "console.log").stat().st_size > 0
+    assert tool.main(args) == 0
+    assert capsys.readouterr().out.count("skipped (finished earlier)") == 2
