@@ -3,6 +3,7 @@ code that must bypass DDP's wrapper: attack forwards, functional meta steps, rea
 parts) and the rows of a batch from every process (for state that must see the whole batch)."""
 import torch
 import torch.distributed as dist
+from fastreid.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -11,16 +12,11 @@ def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def world_size():
-    """Number of processes of the default group (1 without torch.distributed)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def all_gather_rows(*tensors):
     """Every process's rows of each tensor, concatenated in rank order (the tensors themselves on
     one process). All tensors of a call have the same number of rows on a process; that number may
     differ between processes. Every process must call it, in the same order."""
-    size = world_size()
+    size = comm.get_world_size()
     if size == 1:
         return tensors
     count = torch.tensor([len(tensors[0])], device=tensors[0].device)

@@ -3,18 +3,17 @@ the model (the feature discriminator D, ADIN's nuisance classifier f_N) and stat
 without gradients (BAU's prototype memory)."""
 import torch
 import torch.distributed as dist
-
-from ..parallel import world_size
+from fastreid.utils import comm
 
 
 def mean_across_ranks(tensors):
     """In-place all-reduce mean of each tensor (a no-op on one process)."""
-    size = world_size()
-    if size == 1:
+    world_size = comm.get_world_size()
+    if world_size == 1:
         return
     for tensor in tensors:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(size)
+        tensor.div_(world_size)
 
 
 @torch.no_grad()
@@ -22,7 +21,7 @@ def broadcast_from_rank0(module):
     """Every parameter and buffer of ``module`` := rank 0's (a no-op on one process): a part each
     process builds from its own random stream (seed SEED + rank) starts identical everywhere, as
     DDP does for the model."""
-    if world_size() == 1:
+    if comm.get_world_size() == 1:
         return
     for tensor in [*module.parameters(), *module.buffers()]:
         dist.broadcast(tensor.detach(), src=0)
