@@ -1,5 +1,5 @@
 """Multi-process training (2 gloo processes on CPU): every trainable part stays identical on all
-ranks, and the launch path works.
+ranks; the helpers that keep it so agree across processes; tools' launch path runs gloo on CPU.
 
 The processes run on CPU with CUDA hidden from them, whatever the machine has, so these tests run
 (and are never skipped) on GPU machines too. Each run has a free port and a join timeout: a hung
@@ -57,20 +57,71 @@ def run_two_processes(main_func, *args, timeout=JOIN_TIMEOUT_S):
                 process.join()
 
 
-def _all_reduce_worker(out_dir):
+class _ScoresItsInput(torch.nn.Module):
+    """A stand-in re-id model for ADIN's validation: BN's running mean decides the prediction."""
+
+    def __init__(self, running_mean):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(2)
+        self.bn.running_mean.copy_(running_mean)
+
+    @property
+    def heads(self):  # identity_logits(model, ...) asks the heads: the features are the logits
+        return self
+
+    def forward(self, batch):
+        return self.bn(batch["images"])
+
+    def identity_logits(self, features):
+        return features
+
+
+def _helpers_worker(out_dir):
+    """What each rank sees: how fastreid's launch() would have run it, an all-reduce, the rows of
+    both ranks, ADIN's validation error; saved per rank."""
+    import importlib
+
     import torch.distributed as dist
     from fastreid.utils import comm
 
-    value = torch.tensor([float(comm.get_rank() + 1)])
+    from robustreid.engine.dg_steps import ADINSchedule
+    from robustreid.parallel import all_gather_rows
+
+    # tools/train_net.py's launch() on a machine without CUDA runs this worker, not fastreid's
+    # (which asserts CUDA and uses NCCL)
+    launch = importlib.import_module("fastreid.engine.launch")
+    with pytest.raises(AssertionError, match="cuda"):
+        compat.original("cpu_distributed_launch")(0, _helpers_worker, 2, 2, 0, "unused", ())
+    rank = comm.get_rank()
+    value = torch.tensor([float(rank + 1)])
     dist.all_reduce(value)
-    with open(os.path.join(out_dir, f"rank{comm.get_rank()}.txt"), "w") as f:
-        f.write(f"{dist.get_backend()} {comm.get_world_size()} {value.item()}")
+    rows = all_gather_rows(torch.full((rank + 1, 2), float(rank)), torch.arange(rank + 1))
+    # Class 0 iff x0 - x1 > m0 - m1 (m: BN running mean): threshold 0 on rank 0, 2 on rank 1,
+    # 1 for the averaged model. Each rank holds half of the validation split.
+    model = _ScoresItsInput(torch.tensor([0.0, 0.0]) if rank == 0 else torch.tensor([1.0, -1.0]))
+    differences = [[1.5, 0.5], [1.5, 1.8]][rank]
+    batch = {"images": torch.tensor([[d, 0.0] for d in differences]),
+             "targets": torch.zeros(2, dtype=torch.long)}
+    schedule = ADINSchedule(None, [batch], 0, 0, 0.2, 0.4, 1)
+    torch.save({"launch_worker": launch._distributed_worker is compat._distributed_worker,
+                "backend": dist.get_backend(), "world_size": comm.get_world_size(),
+                "all_reduce": value.item(), "rows": rows,
+                "validation_error": schedule.validation_error(model)},
+               os.path.join(out_dir, f"rank{rank}.pth"))
 
 
-def test_launch_two_processes_on_cpu(tmp_path):
-    run_two_processes(_all_reduce_worker, str(tmp_path), timeout=120)
+def test_two_gloo_processes_on_cpu_share_rows_and_validation_error(tmp_path):
+    run_two_processes(_helpers_worker, str(tmp_path), timeout=120)
     for rank in range(2):
-        assert (tmp_path / f"rank{rank}.txt").read_text() == "gloo 2 3.0"
+        got = torch.load(tmp_path / f"rank{rank}.pth", weights_only=True)
+        assert got["launch_worker"]
+        assert (got["backend"], got["world_size"], got["all_reduce"]) == ("gloo", 2, 3.0)
+        features, ids = got["rows"]
+        assert torch.equal(features, torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+        assert torch.equal(ids, torch.tensor([0, 0, 1]))
+        # one error for both ranks: the averaged model's (1 of 4 wrong), not a rank's own (0 of 2
+        # on rank 0, 2 of 2 on rank 1) nor the unaveraged models' pooled (2 of 4)
+        assert got["validation_error"] == 0.25
 
 
 def _train_worker(cfg, out_dir):
@@ -128,14 +179,41 @@ def assert_ranks_identical(rank0, rank1):
     assert not differing, f"{len(differing)} tensors differ between the ranks: {differing[:8]}"
 
 
-def test_plain_training_keeps_ranks_identical_and_evaluates_like_one_process(tmp_path,
-                                                                             datasets_root):
+# ADIN's schedule from the first step: f_N pre-trained 2 iterations, validated every 2 steps.
+ADIN = ("DG.ADIN.ENABLED", "True", "DG.ADIN.SCHEDULE.PRETRAIN_EPOCHS", "0",
+        "DG.ADIN.SCHEDULE.NUISANCE_PRETRAIN_ITERS", "2", "DG.ADIN.SCHEDULE.VAL_PERIOD", "2")
+
+
+def assert_memory_kept_in_sync(state):
+    """BAU's prototypes are unit vectors after every update; prototypes that drifted apart on the
+    ranks and were averaged (the epoch-end buffer sync) are not."""
+    prototypes = state["model"]["bau_memory.prototypes"]
+    assert (state["model"]["bau_memory.domains"] >= 0).all()  # initialised
+    torch.testing.assert_close(prototypes.norm(dim=1), torch.ones(len(prototypes)))
+
+
+def test_discriminator_nuisance_head_and_memory_stay_identical_across_ranks(tmp_path,
+                                                                          datasets_root):
+    """DDDefense's D, ADIN's f_N (adversarial sub-problem: the identity classifier gets no
+    gradient) and BAU's memory, trained through DDP's forward; then the distributed evaluation."""
     from robustreid.engine import RobustTrainer
 
-    rank0, rank1 = train_on_two_processes(tmp_path, "TEST.EVAL_PERIOD", "1")
-    assert_ranks_identical(rank0, rank1)  # weights, BN statistics, optimizer and schedulers
+    opts = (*DG_DATA, *ADIN, "DG.ADIN.SCHEDULE.THRESHOLD_I_TRIGGER", "1.0",
+            "DG.BAU.ENABLED", "True", "ADV_TRAIN.ENABLED", "True", "ADV_TRAIN.INCLUDE_CLEAN", "True",
+            "ADV_TRAIN.STEPS", "1", "ADV_TRAIN.DISCRIMINATOR.ENABLED", "True")
+    rank0, rank1 = train_on_two_processes(tmp_path, *opts, "TEST.EVAL_PERIOD", "1")
+    assert {"discriminator", "discriminator_optimizer", "nuisance_head",
+            "nuisance_optimizer"} <= rank0.keys()
+    assert rank0["nuisance_schedule"]["stage"] == "adversarial"
+    assert rank0["discriminator_optimizer"]["state"]  # D was trained
+    assert_ranks_identical(rank0, rank1)  # model, BN statistics, every optimizer and scheduler
+    assert_memory_kept_in_sync(rank0)
+    # the one checkpoint (written by rank 0) holds what every rank trained
+    saved = torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)
+    for part in ("discriminator", "nuisance_head"):
+        assert not _differences(saved[part], rank1[part]), part
     # Evaluation gathered both ranks' features: single-process evaluation of the same weights agrees.
-    cfg = make_tiny_cfg(tmp_path / "eval", "MODEL.DEVICE", "cpu")
+    cfg = make_tiny_cfg(tmp_path / "eval", "MODEL.DEVICE", "cpu", *opts)
     cfg.MODEL.HEADS.NUM_CLASSES = rank0["model"]["heads.weight"].shape[0]
     model = RobustTrainer.build_model(cfg)
     model.load_state_dict(rank0["model"])
@@ -145,45 +223,13 @@ def test_plain_training_keeps_ranks_identical_and_evaluates_like_one_process(tmp
         assert distributed[metric] == pytest.approx(expected[metric], abs=1e-6)
 
 
-# ADIN's schedule from the first step: f_N pre-trained 2 iterations, validated every 2 steps.
-ADIN = ("DG.ADIN.ENABLED", "True", "DG.ADIN.SCHEDULE.PRETRAIN_EPOCHS", "0",
-        "DG.ADIN.SCHEDULE.NUISANCE_PRETRAIN_ITERS", "2", "DG.ADIN.SCHEDULE.VAL_PERIOD", "2")
-
-
-def assert_memory_kept_in_sync(rank0, rank1):
-    """BAU's prototypes are unit vectors after every update; prototypes that drifted apart and
-    were averaged (the epoch-end buffer sync) are not."""
-    prototypes = rank0["model"]["bau_memory.prototypes"]
-    assert (rank0["model"]["bau_memory.domains"] >= 0).all()  # initialised
-    torch.testing.assert_close(prototypes.norm(dim=1), torch.ones(len(prototypes)))
-
-
-def test_discriminator_nuisance_head_and_memory_stay_identical_across_ranks(tmp_path,
-                                                                          datasets_root):
-    """DDDefense's D, ADIN's f_N (adversarial sub-problem: the identity classifier gets no
-    gradient) and BAU's memory, trained through DDP's forward."""
-    rank0, rank1 = train_on_two_processes(
-        tmp_path, *DG_DATA, *ADIN, "DG.ADIN.SCHEDULE.THRESHOLD_I_TRIGGER", "1.0",
-        "DG.BAU.ENABLED", "True", "ADV_TRAIN.ENABLED", "True", "ADV_TRAIN.INCLUDE_CLEAN", "True",
-        "ADV_TRAIN.STEPS", "1", "ADV_TRAIN.DISCRIMINATOR.ENABLED", "True")
-    assert {"discriminator", "discriminator_optimizer", "nuisance_head",
-            "nuisance_optimizer"} <= rank0.keys()
-    assert rank0["nuisance_schedule"]["stage"] == "adversarial"
-    assert rank0["discriminator_optimizer"]["state"]  # D was trained
-    assert_ranks_identical(rank0, rank1)
-    assert_memory_kept_in_sync(rank0, rank1)
-    # the one checkpoint (written by rank 0) holds what every rank trained
-    saved = torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)
-    for part in ("discriminator", "nuisance_head"):
-        assert not _differences(saved[part], rank1[part]), part
-
-
 def test_meta_learning_with_nuisance_head_and_memory_stays_identical_across_ranks(tmp_path,
                                                                                 datasets_root):
-    """Self-meta learning's functional step (forwards that bypass DDP) with f_N and BAU's memory."""
+    """Self-meta learning's functional step (forwards that bypass DDP) with f_N and BAU's memory
+    (first order: the gradients are all-reduced the same way, at about half the cost)."""
     rank0, rank1 = train_on_two_processes(tmp_path, *DG_DATA, *ADIN, "META_LEARNING.ENABLED",
                                           "True", "META_LEARNING.FIRST_ORDER", "True",
                                           "DG.BAU.ENABLED", "True")
     assert rank0["nuisance_optimizer"]["state"]  # f_N was trained
     assert_ranks_identical(rank0, rank1)
-    assert_memory_kept_in_sync(rank0, rank1)
+    assert_memory_kept_in_sync(rank0)
