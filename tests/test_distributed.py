@@ -17,7 +17,7 @@ from conftest import make_tiny_cfg
 from robustreid import compat
 
 JOIN_TIMEOUT_S = 300
-DG_DATA = ("DATASETS.NAMES", "('SynthReIDTiny_D0', 'SynthReIDTiny_D1')",
+DG_DATA = ("DATASETS.NAMES", "('SynthReIDTiny_D0',)",
            "DATASETS.TESTS", "('SynthReIDTiny_D2',)", "MODEL.META_ARCHITECTURE", "RobustBaseline")
 
 
