@@ -1,4 +1,4 @@
-"""RobustTrainer / train_net: end-to-end training, bad input, resume, 2-process gloo training."""
+"""RobustTrainer / train_net: end-to-end training, bad input, resume (2-process training: test_distributed.py)."""
 import os
 import signal
 import subprocess
@@ -125,47 +125,6 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path, datasets_root):
     epoch_done = int(last.split("_")[1].split(".")[0])
     assert f"Starting training from epoch {epoch_done + 1}" in log
     assert (out / "model_final.pth").is_file()
-
-
-def _ddp_worker(cfg, out_dir):
-    from fastreid.utils import comm
-
-    from robustreid.engine import RobustTrainer
-
-    trainer = RobustTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    results = trainer.train()
-    model = trainer.model.module
-    torch.save(model.state_dict(), os.path.join(out_dir, f"rank{comm.get_rank()}.pth"))
-    if comm.is_main_process():
-        metrics = {k: float(v) for k, v in results.items() if k != "dataset"}
-        torch.save(metrics, os.path.join(out_dir, "results.pth"))
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
-def test_two_process_gloo_training(tmp_path, datasets_root):
-    from fastreid.engine import launch
-
-    from robustreid.engine import RobustTrainer
-
-    cfg = make_tiny_cfg(tmp_path / "out", "SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "1")
-    cfg.freeze()
-    launch(_ddp_worker, 2, dist_url="auto", args=(cfg, str(tmp_path)))
-    rank0 = torch.load(tmp_path / "rank0.pth", weights_only=True)
-    rank1 = torch.load(tmp_path / "rank1.pth", weights_only=True)
-    assert rank0.keys() == rank1.keys()
-    for key in rank0:  # weights and BN statistics
-        assert torch.equal(rank0[key], rank1[key]), key
-    # Evaluation gathered both ranks' features: single-process evaluation of the same weights agrees.
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.HEADS.NUM_CLASSES = rank0["heads.weight"].shape[0]
-    model = RobustTrainer.build_model(cfg)
-    model.load_state_dict(rank0)
-    expected = RobustTrainer.test(cfg, model)
-    distributed = torch.load(tmp_path / "results.pth", weights_only=True)
-    for metric in ("Rank-1", "mAP", "mINP"):
-        assert distributed[metric] == pytest.approx(expected[metric], abs=1e-6)
 
 
 def test_eval_only_refuses_weights_that_do_not_fit_the_config(tmp_path, datasets_root):

@@ -6,12 +6,15 @@ features of the forward pass the model update already made (no second forward), 
 L_E is computed with the updated D. D's optimizer is the model's kind (SOLVER.OPT) at SOLVER.BASE_LR
 with weight decay 5e-4, and its learning rate decays by 0.5 at the model's SOLVER.STEPS epochs
 (DDDefense supplementary: "decay factor 0.5, weight decay 0.0005, other settings as the model").
+
+Multi-process runs: D is not under DDP. It starts as rank 0's copy and its gradients are averaged
+over the processes before each step, so every process holds the same D (and optimizer state).
 """
 from torch.func import functional_call
 
 from ..modeling.losses.feature_adversary import (FeatureDiscriminator, discriminator_loss,
                                                  encoder_confusion_loss)
-from .distributed import mean_across_ranks
+from .distributed import broadcast_from_rank0, mean_across_ranks
 from .part_optimizer import build_part_optimizer
 
 
@@ -29,6 +32,7 @@ class FeatureAdversary:
         d_cfg = cfg.ADV_TRAIN.DISCRIMINATOR
         discriminator = FeatureDiscriminator(cfg.MODEL.BACKBONE.FEAT_DIM,
                                              tuple(d_cfg.HIDDEN_DIMS)).to(device)
+        broadcast_from_rank0(discriminator)
         optimizer, scheduler = build_part_optimizer(cfg, discriminator.parameters(), d_cfg.BASE_LR,
                                                     d_cfg.WEIGHT_DECAY, d_cfg.GAMMA)
         return cls(discriminator, optimizer, scheduler, d_cfg.LOSS_WEIGHT)

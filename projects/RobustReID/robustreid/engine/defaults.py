@@ -24,7 +24,7 @@ from ..data.validation import DatasetError, build_dataset, check_datasets
 from ..modeling.dg_config import dg_loader_needed
 from ..modeling.noise import attach_noise_modules, noise_averaged
 from .checkpoint import RobustCheckpointer, WeightsNotFoundError, check_weights_fit
-from .dg_steps import build_dg_hooks, build_nuisance_adversary
+from .dg_steps import build_dg_hooks, build_nuisance_adversary, steps_may_leave_parameters_unused
 from .hooks import StepSchedulerEachEpoch, SyncBufferStats
 from .model_selection import BestMetricCheckpoint
 from .mpsnn import MpsnnObjective, build_mpsnn_phases, check_mpsnn_config, excluding_noise_scales
@@ -115,7 +115,8 @@ class RobustTrainer(DefaultTrainer):
             on_gpu = next(model.parameters()).device.type == "cuda"
             model = DistributedDataParallel(
                 model, device_ids=[comm.get_local_rank()] if on_gpu else None,
-                broadcast_buffers=False)
+                broadcast_buffers=False,
+                find_unused_parameters=steps_may_leave_parameters_unused(cfg))
 
         grad_scaler = torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP.ENABLED else None
         if cfg.MPSNN.ENABLED:  # the stochastic network's own objective (thesis Algorithms 2-3)

@@ -33,6 +33,13 @@ prototype-memory initialisation. Each is built from the config and is inert when
   training image (test transforms, eval mode). A resumed run restores the memory from the
   checkpoint (it is a buffer of the model) and skips this.
 
+Multi-process runs: f_N is not under DDP. It starts as rank 0's copy, its gradients and BatchNorm
+statistics are averaged over the processes at each update, and the schedule's validation error is
+one number for all processes, so every process holds the same f_N and takes the same decisions. The
+prototype memory is initialised on every process and then set to rank 0's (its updates keep it
+identical, see PrototypeMemory.update). In the adversarial sub-problem the identity classifier gets
+no gradient: DDP must then look for unused parameters (:func:`steps_may_leave_parameters_unused`).
+
 Wiring: ``build_nuisance_adversary`` (TrainingObjective's ``nuisance``), ``build_dg_hooks``
 (RobustTrainer.build_hooks); see the module's users.
 """
@@ -45,6 +52,7 @@ from fastreid.data.build import fast_batch_collator
 from fastreid.data.common import CommDataset
 from fastreid.data.transforms import build_transforms
 from fastreid.engine.hooks import HookBase
+from fastreid.utils import comm
 from fastreid.utils.events import get_event_storage
 from torch.func import functional_call
 
@@ -53,14 +61,15 @@ from ..modeling.losses.adin import (NuisanceHead, calibrated_negative_entropy_lo
                                     focal_entropy_loss, negative_entropy_loss,
                                     nuisance_class_prior, reverse_gradient_loss)
 from ..parallel import unwrap
-from .distributed import mean_across_ranks
-from .hooks import StepSchedulerEachEpoch
+from .distributed import broadcast_from_rank0, mean_across_ranks
+from .hooks import StepSchedulerEachEpoch, average_buffers_across_ranks
 from .part_optimizer import build_part_optimizer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ScheduleState", "NuisanceAdversary", "build_nuisance_adversary", "ADINSchedule",
            "PrototypeMemoryInit", "build_dg_hooks", "identity_logits",
+           "steps_may_leave_parameters_unused",
            "IDENTITY_LOSSES", "STAGES"]
 
 # fastreid's identity losses (Baseline.losses); the adversarial sub-problem drops them
@@ -114,6 +123,7 @@ class NuisanceAdversary:
             num_classes = train_set.num_cameras * len(TIME_LABELS)
         in_dim = cfg.MODEL.HEADS.EMBEDDING_DIM or cfg.MODEL.BACKBONE.FEAT_DIM
         head = NuisanceHead(num_classes, in_dim, adin.HIDDEN_DIM, dropout=adin.DROPOUT).to(device)
+        broadcast_from_rank0(head)
         optimizer, scheduler = build_part_optimizer(cfg, head.parameters(), adin.BASE_LR,
                                                     adin.WEIGHT_DECAY, adin.GAMMA)
         adversary = cls(head, optimizer, scheduler, adin.NUISANCE, adin.LOSS, adin.BETA, None,
@@ -163,6 +173,7 @@ class NuisanceAdversary:
         loss.backward()
         mean_across_ranks([p.grad for p in self.head.parameters()])  # f_N is not in DDP
         self.optimizer.step()
+        average_buffers_across_ranks(self.head)  # BN statistics of the processes' batches
         return loss.detach(), (logits.argmax(1) == labels).float().mean()
 
     def encoder_loss(self, features, labels):
@@ -207,6 +218,14 @@ class NuisanceAdversary:
             losses = {k: v for k, v in losses.items() if k not in IDENTITY_LOSSES}
         losses["loss_nuisance_adv"] = self.encoder_loss(features, labels)
         return losses
+
+
+def steps_may_leave_parameters_unused(cfg):
+    """True when some training steps give model parameters no gradient: ADIN's adversarial
+    sub-problem drops the identity losses (DistributedDataParallel's find_unused_parameters)."""
+    adin = cfg.DG.ADIN if "DG" in cfg else None
+    return bool(adin and adin.ENABLED and adin.SCHEDULE.ENABLED and
+                not adin.SCHEDULE.ID_LOSS_IN_ADV)
 
 
 def build_nuisance_adversary(cfg, train_set, device):
@@ -255,6 +274,8 @@ class ADINSchedule(HookBase):
     def from_config(cls, cfg, adversary, train_set):
         sched = cfg.DG.ADIN.SCHEDULE
         items = [(path, train_set.pid_dict[pid], 0) for path, pid, *_ in train_set.val_items]
+        # each process validates its share of the split (see validation_error)
+        items = items[comm.get_rank()::comm.get_world_size()]
         loader = _plain_loader(cfg, items, cfg.TEST.IMS_PER_BATCH)
         return cls(adversary, loader, sched.PRETRAIN_EPOCHS, sched.NUISANCE_PRETRAIN_ITERS,
                    sched.THRESHOLD_I_TARGET, sched.THRESHOLD_I_TRIGGER, sched.VAL_PERIOD)
@@ -265,8 +286,11 @@ class ADINSchedule(HookBase):
 
     @torch.no_grad()
     def validation_error(self, model):
-        """Identity classification error of f_I on the held-out images (all processes see the
-        whole split, so every rank takes the same decision)."""
+        """Identity classification error of f_I on the held-out images. With several processes,
+        their BatchNorm statistics are averaged first (every process then holds the same model, as
+        at an epoch end), each scores its share of the split, and the counts are pooled: every
+        process gets the same error and takes the same decision."""
+        average_buffers_across_ranks(model)
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -279,7 +303,10 @@ class ADINSchedule(HookBase):
                 total += len(logits)
         finally:
             model.train(was_training)
-        return 1.0 - correct / max(total, 1)
+        counts = torch.tensor([correct, total], dtype=torch.float64, device=device)
+        mean_across_ranks([counts])  # means of both counts: the same ratio as their sums
+        correct, total = counts.tolist()
+        return 1.0 - correct / max(total, 1.0)
 
     def pretrain_nuisance(self):
         """f_N alone on the frozen E: eval-mode features without gradient, training batches."""
@@ -369,6 +396,7 @@ class PrototypeMemoryInit(HookBase):
         finally:
             model.train(was_training)
         memory.initialize(torch.cat(features), pids, domains)
+        broadcast_from_rank0(memory)  # the same start on every process, whatever the arithmetic
         logger.info("BAU: prototype memory initialised from %d images, %d classes, %d domains",
                     len(items), memory.num_classes, int(domains.max()) + 1)
 

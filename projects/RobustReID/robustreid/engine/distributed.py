@@ -1,4 +1,7 @@
-"""Averaging tensors over processes, for state that DDP does not synchronise itself."""
+"""Keeping trainable state identical on every process where DDP does not do it: the parts outside
+the model (the feature discriminator D, ADIN's nuisance classifier f_N) and state the model updates
+without gradients (BAU's prototype memory)."""
+import torch
 import torch.distributed as dist
 from fastreid.utils import comm
 
@@ -11,3 +14,14 @@ def mean_across_ranks(tensors):
     for tensor in tensors:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(world_size)
+
+
+@torch.no_grad()
+def broadcast_from_rank0(module):
+    """Every parameter and buffer of ``module`` := rank 0's (a no-op on one process): a part each
+    process builds from its own random stream (seed SEED + rank) starts identical everywhere, as
+    DDP does for the model."""
+    if comm.get_world_size() == 1:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.detach(), src=0)

@@ -22,6 +22,8 @@ and the code's variant an option:
 import torch
 import torch.nn as nn
 
+from ...parallel import all_gather_rows
+
 __all__ = [
     "kreciprocal_jaccard_weights", "alignment_loss", "uniformity_loss",
     "two_view_uniformity_loss", "PrototypeMemory", "domain_uniformity_loss", "bau_loss",
@@ -167,10 +169,15 @@ class PrototypeMemory(nn.Module):
         """c_y <- mu c_y + (1 - mu) f for each sample (f, y) in batch order (eq. 7), renormalised
         after each step. Samples of one class are applied one after another, as eq. (7) reads
         for a single f; classes are updated in parallel, so the loop runs over the number of
-        instances per identity in the batch, not over samples."""
+        instances per identity in the batch, not over samples.
+
+        In a multi-process run every process applies the rows of every process (in rank order),
+        as one process would with the whole batch, so the memories stay identical; every process
+        must then call it, in the same order (the training forwards do)."""
         mu = self.momentum if momentum is None else float(momentum)
         features = features.detach().to(self.prototypes)
         pids = pids.detach().to(self.prototypes.device).long().view(-1)
+        features, pids = all_gather_rows(features, pids)
         self._check_pids(pids)
         if not len(pids):
             return

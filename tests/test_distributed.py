@@ -1,0 +1,235 @@
+"""Multi-process training (2 gloo processes on CPU): every trainable part stays identical on all
+ranks; the helpers that keep it so agree across processes; tools' launch path runs gloo on CPU.
+
+The processes run on CPU with CUDA hidden from them, whatever the machine has, so these tests run
+(and are never skipped) on GPU machines too. Each run has a free port and a join timeout: a hung
+collective fails the test instead of hanging the suite.
+"""
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import make_tiny_cfg
+from robustreid import compat
+
+JOIN_TIMEOUT_S = 300
+DG_DATA = ("DATASETS.NAMES", "('SynthReIDTiny_D0',)",
+           "DATASETS.TESTS", "('SynthReIDTiny_D2',)", "MODEL.META_ARCHITECTURE", "RobustBaseline")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(main_func, *args, timeout=JOIN_TIMEOUT_S):
+    """``main_func(*args)`` on 2 gloo CPU processes (RobustReID's CPU worker for fastreid's
+    launch); a child's exception fails the caller, and so does a run longer than ``timeout`` s
+    (the children are killed)."""
+    env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}  # inherited by the spawned children
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        url = f"tcp://127.0.0.1:{_free_port()}"
+        context = mp.start_processes(compat._distributed_worker,
+                                     args=(main_func, 2, 2, 0, url, args), nprocs=2, join=False,
+                                     start_method="spawn")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"2-process run did not finish within {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+class _ScoresItsInput(torch.nn.Module):
+    """A stand-in re-id model for ADIN's validation: BN's running mean decides the prediction."""
+
+    def __init__(self, running_mean):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(2)
+        self.bn.running_mean.copy_(running_mean)
+
+    @property
+    def heads(self):  # identity_logits(model, ...) asks the heads: the features are the logits
+        return self
+
+    def forward(self, batch):
+        return self.bn(batch["images"])
+
+    def identity_logits(self, features):
+        return features
+
+
+def _helpers_worker(out_dir):
+    """What each rank sees: how fastreid's launch() would have run it, an all-reduce, the rows of
+    both ranks, ADIN's validation error; saved per rank."""
+    import importlib
+
+    import torch.distributed as dist
+    from fastreid.utils import comm
+
+    from robustreid.engine.dg_steps import ADINSchedule
+    from robustreid.parallel import all_gather_rows
+
+    # tools/train_net.py's launch() on a machine without CUDA runs this worker, not fastreid's
+    # (which asserts CUDA and uses NCCL)
+    launch = importlib.import_module("fastreid.engine.launch")
+    with pytest.raises(AssertionError, match="cuda"):
+        compat.original("cpu_distributed_launch")(0, _helpers_worker, 2, 2, 0, "unused", ())
+    rank = comm.get_rank()
+    value = torch.tensor([float(rank + 1)])
+    dist.all_reduce(value)
+    rows = all_gather_rows(torch.full((rank + 1, 2), float(rank)), torch.arange(rank + 1))
+    # Class 0 iff x0 - x1 > m0 - m1 (m: BN running mean): threshold 0 on rank 0, 2 on rank 1,
+    # 1 for the averaged model. Each rank holds half of the validation split.
+    model = _ScoresItsInput(torch.tensor([0.0, 0.0]) if rank == 0 else torch.tensor([1.0, -1.0]))
+    differences = [[1.5, 0.5], [1.5, 1.8]][rank]
+    batch = {"images": torch.tensor([[d, 0.0] for d in differences]),
+             "targets": torch.zeros(2, dtype=torch.long)}
+    schedule = ADINSchedule(None, [batch], 0, 0, 0.2, 0.4, 1)
+    torch.save({"launch_worker": launch._distributed_worker is compat._distributed_worker,
+                "backend": dist.get_backend(), "world_size": comm.get_world_size(),
+                "all_reduce": value.item(), "rows": rows,
+                "validation_error": schedule.validation_error(model)},
+               os.path.join(out_dir, f"rank{rank}.pth"))
+
+
+def test_two_gloo_processes_on_cpu_share_rows_and_validation_error(tmp_path):
+    run_two_processes(_helpers_worker, str(tmp_path), timeout=120)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pth", weights_only=True)
+        assert got["launch_worker"]
+        assert (got["backend"], got["world_size"], got["all_reduce"]) == ("gloo", 2, 3.0)
+        features, ids = got["rows"]
+        assert torch.equal(features, torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+        assert torch.equal(ids, torch.tensor([0, 0, 1]))
+        # one error for both ranks: the averaged model's (1 of 4 wrong), not a rank's own (0 of 2
+        # on rank 0, 2 of 2 on rank 1) nor the unaveraged models' pooled (2 of 4)
+        assert got["validation_error"] == 0.25
+
+
+def _train_worker(cfg, out_dir):
+    """Train as tools/train_net.py does (seed SEED + rank), then save every trainable part's state
+    as this rank holds it, and rank 0's final evaluation."""
+    from fastreid.utils import comm
+    from fastreid.utils.env import seed_all_rng
+
+    from robustreid.engine import RobustTrainer
+    from robustreid.parallel import unwrap
+
+    seed_all_rng(cfg.ROBUSTREID.SEED + comm.get_rank())
+    trainer = RobustTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    state = {name: part.state_dict() for name, part in trainer.checkpointer.checkpointables.items()}
+    state["model"] = unwrap(trainer.model).state_dict()
+    torch.save(state, os.path.join(out_dir, f"rank{comm.get_rank()}.pth"))
+    if comm.is_main_process() and results:
+        metrics = {k: float(v) for k, v in results.items() if k != "dataset"}
+        torch.save(metrics, os.path.join(out_dir, "results.pth"))
+
+
+def _differences(a, b, path=""):
+    """Paths at which two nested state dicts differ (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
+            a.shape == b.shape and torch.equal(a, b)
+        return [] if same else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path} (keys)"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}/{i}")]
+    return [] if a == b else [path]
+
+
+def train_on_two_processes(tmp_path, *opts):
+    """(rank 0's state, rank 1's state) after a 2-process run of the tiny config + ``opts``."""
+    from robustreid.data.validation import build_dataset
+
+    cfg = make_tiny_cfg(tmp_path / "out", "MODEL.DEVICE", "cpu", "SOLVER.MAX_EPOCH", "1", *opts)
+    cfg.freeze()
+    for name in cfg.DATASETS.NAMES:  # generated once here, not by both ranks at once
+        build_dataset(name)
+    run_two_processes(_train_worker, cfg, str(tmp_path))
+    return (torch.load(tmp_path / "rank0.pth", weights_only=True),
+            torch.load(tmp_path / "rank1.pth", weights_only=True))
+
+
+def assert_ranks_identical(rank0, rank1):
+    assert rank0.keys() == rank1.keys()
+    differing = _differences(rank0, rank1)
+    assert not differing, f"{len(differing)} tensors differ between the ranks: {differing[:8]}"
+
+
+# ADIN's schedule from the first step: f_N pre-trained 2 iterations, validated every 2 steps.
+ADIN = ("DG.ADIN.ENABLED", "True", "DG.ADIN.SCHEDULE.PRETRAIN_EPOCHS", "0",
+        "DG.ADIN.SCHEDULE.NUISANCE_PRETRAIN_ITERS", "2", "DG.ADIN.SCHEDULE.VAL_PERIOD", "2")
+
+
+def assert_memory_kept_in_sync(state):
+    """BAU's prototypes are unit vectors after every update; prototypes that drifted apart on the
+    ranks and were averaged (the epoch-end buffer sync) are not."""
+    prototypes = state["model"]["bau_memory.prototypes"]
+    assert (state["model"]["bau_memory.domains"] >= 0).all()  # initialised
+    torch.testing.assert_close(prototypes.norm(dim=1), torch.ones(len(prototypes)))
+
+
+def test_discriminator_nuisance_head_and_memory_stay_identical_across_ranks(tmp_path,
+                                                                          datasets_root):
+    """DDDefense's D, ADIN's f_N (adversarial sub-problem: the identity classifier gets no
+    gradient) and BAU's memory, trained through DDP's forward; then the distributed evaluation."""
+    from robustreid.engine import RobustTrainer
+
+    opts = (*DG_DATA, *ADIN, "DG.ADIN.SCHEDULE.THRESHOLD_I_TRIGGER", "1.0",
+            "DG.BAU.ENABLED", "True", "ADV_TRAIN.ENABLED", "True", "ADV_TRAIN.INCLUDE_CLEAN", "True",
+            "ADV_TRAIN.STEPS", "1", "ADV_TRAIN.DISCRIMINATOR.ENABLED", "True")
+    rank0, rank1 = train_on_two_processes(tmp_path, *opts, "TEST.EVAL_PERIOD", "1")
+    assert {"discriminator", "discriminator_optimizer", "nuisance_head",
+            "nuisance_optimizer"} <= rank0.keys()
+    assert rank0["nuisance_schedule"]["stage"] == "adversarial"
+    assert rank0["discriminator_optimizer"]["state"]  # D was trained
+    assert_ranks_identical(rank0, rank1)  # model, BN statistics, every optimizer and scheduler
+    assert_memory_kept_in_sync(rank0)
+    # the one checkpoint (written by rank 0) holds what every rank trained
+    saved = torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)
+    for part in ("discriminator", "nuisance_head"):
+        assert not _differences(saved[part], rank1[part]), part
+    # Evaluation gathered both ranks' features: single-process evaluation of the same weights agrees.
+    cfg = make_tiny_cfg(tmp_path / "eval", "MODEL.DEVICE", "cpu", *opts)
+    cfg.MODEL.HEADS.NUM_CLASSES = rank0["model"]["heads.weight"].shape[0]
+    model = RobustTrainer.build_model(cfg)
+    model.load_state_dict(rank0["model"])
+    expected = RobustTrainer.test(cfg, model)
+    distributed = torch.load(tmp_path / "results.pth", weights_only=True)
+    for metric in ("Rank-1", "mAP", "mINP"):
+        assert distributed[metric] == pytest.approx(expected[metric], abs=1e-6)
+
+
+def test_meta_learning_with_nuisance_head_and_memory_stays_identical_across_ranks(tmp_path,
+                                                                                datasets_root):
+    """Self-meta learning's functional step (forwards that bypass DDP) with f_N and BAU's memory
+    (first order: the gradients are all-reduced the same way, at about half the cost)."""
+    rank0, rank1 = train_on_two_processes(tmp_path, *DG_DATA, *ADIN, "META_LEARNING.ENABLED",
+                                          "True", "META_LEARNING.FIRST_ORDER", "True",
+                                          "DG.BAU.ENABLED", "True")
+    assert rank0["nuisance_optimizer"]["state"]  # f_N was trained
+    assert_ranks_identical(rank0, rank1)
+    assert_memory_kept_in_sync(rank0)
