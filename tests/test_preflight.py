@@ -328,6 +328,7 @@ def test_metric_printer_writes_twice_at_one_iteration_without_dividing_by_zero(c
             for _ in range(2):
                 compat.original("metric_printer_eta")(printer)
         printer = CommonMetricPrinter(max_iter=2)
+        caplog.clear()
         with caplog.at_level("INFO", logger="fastreid.utils.events"):
             printer.write()
             printer.write()
