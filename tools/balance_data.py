@@ -31,7 +31,7 @@ import os
 import sys
 
 import robustreid  # noqa: F401  (compat patches + registrations)
-from robustreid.cli import OneLineParser
+from robustreid.cli import OneLineParser, int_at_least
 from robustreid.config import ConfigError, _config_errors, load_config
 from robustreid.data.balancing import BalancedSetError, add_balancing_config, plan_balancing
 from robustreid.data.balancing.generate import BalancedSetWriter, balanced_items, make_grid
@@ -42,13 +42,13 @@ from robustreid.data.validation import DatasetError, build_dataset
 def build_parser():
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--train-steps", type=int, default=None,
+    parser.add_argument("--train-steps", type=int_at_least(0), default=None,
                         help="diffusion training steps in total (overrides BALANCE.TRAIN.STEPS)")
     parser.add_argument("--output", default="", metavar="DIR",
                         help="balanced set directory (default DATASETS.BALANCED.PATH or OUTPUT_DIR/balanced)")
     parser.add_argument("--restart", action="store_true",
                         help="discard the synthetic images and manifest already in DIR")
-    parser.add_argument("--max-new-images", type=int, default=None, metavar="N",
+    parser.add_argument("--max-new-images", type=int_at_least(0), default=None, metavar="N",
                         help="stop cleanly after N new images (rerun to continue)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -78,8 +78,6 @@ def build_cfg(args):
     with _config_errors("command-line option"):
         cfg.merge_from_list(opts)
     if args.train_steps is not None:
-        if args.train_steps < 0:
-            raise ConfigError("--train-steps must be >= 0")
         cfg.BALANCE.TRAIN.STEPS = args.train_steps
     resolve_device(cfg)
     check_balance_config(cfg)

@@ -28,6 +28,7 @@ import robustreid.data.dg_datasets  # noqa: F401  (DG target datasets)
 from fastreid.data.build import fast_batch_collator
 from fastreid.data.common import CommDataset
 from fastreid.data.transforms import build_transforms
+from robustreid.cli import OneLineParser, int_at_least
 from robustreid.data.validation import build_dataset, datasets_root
 from robustreid.evaluation import build_reid_evaluator
 
@@ -115,11 +116,11 @@ def format_table(results, layout, method):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS only")
     parser.add_argument("--resume", action="store_true", help="resume training from OUTPUT_DIR")
-    parser.add_argument("--splits", type=int, default=10,
+    parser.add_argument("--splits", type=int_at_least(1), default=10,
                         help="random query/gallery splits of the small target sets")
     parser.add_argument("--layout", choices=("auto", "bau", "adin"), default="auto")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -127,16 +128,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from robustreid.engine import USER_ERRORS, RobustTrainer, preflight, setup
+    from robustreid.engine import USER_ERRORS, RobustTrainer, build_config, preflight, setup
 
     args = parse_args(argv)
     args.num_gpus, args.machine_rank = 1, 0
     try:
-        cfg = setup(args)
-        preflight(cfg, eval_only=args.eval_only)
+        preflight(build_config(args), eval_only=args.eval_only)  # before setup writes OUTPUT_DIR
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    cfg = setup(args)
     known = None
     if args.eval_only:
         model = RobustTrainer.load_for_eval(cfg)

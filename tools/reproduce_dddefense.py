@@ -116,6 +116,16 @@ def _csv(text):
     return [item for item in text.split(",") if item]
 
 
+def parse_dataset_map(text):
+    """``"Market1501=MyMarket,DukeMTMC=MyDuke"`` -> {paper name: registered name}."""
+    pairs = [item.partition("=") for item in _csv(text)]
+    bad = [name + eq + value for name, eq, value in pairs if not (name and eq and value)]
+    if bad:
+        raise ReproduceError(f"--dataset-map: {', '.join(map(repr, bad))} is not "
+                             f"NAME=REGISTERED_NAME")
+    return {name: value for name, _, value in pairs}
+
+
 def load_tables(path=PAPER_RESULTS):
     with open(path) as f:
         return {table["id"]: table for table in json.load(f)["tables"]}
@@ -144,7 +154,7 @@ class Plan:
     def __init__(self, args):
         self.args = args
         self.output = os.path.abspath(args.output)
-        self.dataset_map = dict(item.split("=", 1) for item in _csv(args.dataset_map))
+        self.dataset_map = parse_dataset_map(args.dataset_map)
         self.trainings = {}   # key -> (config file, opts, output dir)
         self.balancings = {}  # dataset -> (balance config, opts, output dir)
         self.adversarial_sets = {}  # training key -> (training key of the model crafting it, dir)

@@ -31,8 +31,8 @@ from robustreid.cli import OneLineParser, report_misplaced_flags
 from robustreid.attacks import (AttackConfigError, build_defense, build_surrogate_extractor,
                                 eps_unit)
 from robustreid.config import ConfigError, load_config
-from robustreid.engine import (USER_ERRORS, RobustTrainer, check_weights, check_weights_fit,
-                               preflight, setup)
+from robustreid.engine import (USER_ERRORS, RobustTrainer, check_output_dir, check_weights,
+                               check_weights_fit, preflight, setup)
 from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
                                           check_attack_settings, parse_attack_options,
                                           robust_markdown, sanity_checks, write_report)
@@ -112,6 +112,7 @@ def check_inputs(ns):
     cfg = load_config(ns.config_file, ns.opts)
     if not cfg.MODEL.WEIGHTS:
         raise ConfigError("no weights to evaluate: pass MODEL.WEIGHTS /path/to/model_final.pth")
+    check_output_dir(report_dir(ns, cfg), "--output" if ns.output else "OUTPUT_DIR/robust_eval")
     preflight(cfg, eval_only=True)  # weights file and fit, datasets, images
     if settings["surrogate_config"]:
         surrogate_cfg = load_config(settings["surrogate_config"],
@@ -122,9 +123,13 @@ def check_inputs(ns):
     return settings, cfg, defense
 
 
+def report_dir(ns, cfg):
+    return ns.output or os.path.join(cfg.OUTPUT_DIR, "robust_eval")
+
+
 def run(ns, settings, checked_cfg, defense):
     """Evaluate every test dataset, write the report; returns (report, sanity checks)."""
-    output = ns.output or os.path.join(checked_cfg.OUTPUT_DIR, "robust_eval")
+    output = report_dir(ns, checked_cfg)
     # fastreid's logger and config dump go to the report's directory; device resolved; seeded.
     cfg = setup(argparse.Namespace(config_file=ns.config_file, eval_only=True,
                                    opts=[*ns.opts, "OUTPUT_DIR", output]))

@@ -12,6 +12,7 @@ import sys
 
 import robustreid  # noqa: F401  (applies compat patches, registers everything)
 from fastreid.engine import default_argument_parser
+from robustreid.config import ConfigError
 from robustreid.engine import USER_ERRORS, RobustTrainer, build_config, launch, preflight, setup
 
 
@@ -28,8 +29,11 @@ def main(args):
 def cli(argv=None):
     args = default_argument_parser().parse_args(argv)
     try:
+        if args.num_gpus < 1 or args.num_machines < 1:
+            raise ConfigError("--num-gpus and --num-machines must be >= 1")
         # Validate config, weights and data once, in the launching process, before any worker starts.
-        preflight(build_config(args), eval_only=args.eval_only)
+        preflight(build_config(args), eval_only=args.eval_only,
+                  world_size=args.num_gpus * args.num_machines)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,3 +19,18 @@ def report_misplaced_flags(opts):
     if flags:
         print(f"error: put the options before the KEY VALUE pairs: {' '.join(flags)}", file=sys.stderr)
     return bool(flags)
+
+
+def int_at_least(minimum):
+    """An argparse ``type`` for integers >= ``minimum``: a bad value is reported by the parser
+    ("error: argument --splits: must be an integer >= 1, got '0'")."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse

@@ -15,6 +15,8 @@ Patches, in the order they must run:
   evaluator_no_cython_exit  ReidEvaluator compiles Cython with `make` and sys.exit(1)s when it can't.
   cpu_distributed_launch    launch() asserts CUDA and hard-codes NCCL; DDP is given CUDA device ids
                             (CPU only: on GPU fastreid's NCCL path runs unchanged).
+  metric_printer_eta        CommonMetricPrinter divides by zero writing twice at one iteration
+                            before IterationTimer has timed any (runs of at most 2 iterations).
 """
 import collections
 import collections.abc
@@ -221,6 +223,27 @@ def patch_cpu_distributed_launch():
         engine_defaults.DistributedDataParallel)
 
 
+# --- fastreid's metric printer: ZeroDivisionError on short runs -----------------------------------
+# Without a "time" history (IterationTimer skips its warm-up iterations) CommonMetricPrinter
+# estimates the ETA from the iterations since its last write; PeriodicWriter writes after the last
+# step and again after the epoch, at the same iteration, so that count is 0.
+def _write_without_zero_division(self):
+    from fastreid.utils.events import get_event_storage
+
+    if self._last_write is not None and self._last_write[0] == get_event_storage().iter:
+        self._last_write = None  # a repeated write has no new iteration to time: no ETA this time
+    return _ORIGINALS["metric_printer_eta"](self)
+
+
+def patch_metric_printer_eta():
+    from fastreid.utils.events import CommonMetricPrinter
+
+    if CommonMetricPrinter.write is _write_without_zero_division:
+        return
+    _record("metric_printer_eta", CommonMetricPrinter.write)
+    CommonMetricPrinter.write = _write_without_zero_division
+
+
 _PATCHES = (
     patch_collections_abc_aliases,
     patch_torch_six,
@@ -229,6 +252,7 @@ _PATCHES = (
     patch_cpu_data_loader,
     patch_evaluator_no_cython_exit,
     patch_cpu_distributed_launch,
+    patch_metric_printer_eta,
 )
 
 

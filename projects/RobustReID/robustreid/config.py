@@ -4,8 +4,10 @@ Call :func:`add_robustreid_config` on a fastreid ``get_cfg()`` before ``merge_fr
 in a yml still raise, so typos are caught before training starts.
 """
 import contextlib
+import numbers
 import os
 
+import yaml
 from fastreid.config import CfgNode as CN
 
 
@@ -138,6 +140,12 @@ def _config_errors(where):
     """yacs/fastreid merge failures as one ConfigError prefixed with the file (or option) at fault."""
     try:
         yield
+    except yaml.MarkedYAMLError as e:  # the mark names the file: a _BASE_ yml may be at fault
+        mark = e.problem_mark or e.context_mark
+        at = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else where
+        raise ConfigError(f"{at}: invalid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML: {' '.join(str(e).split())}") from None
     except KeyError as e:  # unknown key: yacs puts the full key name in the message
         raise ConfigError(f"{where}: {e.args[0]}") from None
     except FileNotFoundError as e:
@@ -164,6 +172,28 @@ def load_config(config_file="", opts=()):
         raise ConfigError(f"command-line options must be KEY VALUE pairs, got an odd list: {opts}")
     with _config_errors("command-line option"):
         cfg.merge_from_list(opts)
+    check_fastreid_values(cfg)
     from .data.balancing import apply_balanced_config
 
     return apply_balanced_config(cfg)  # DATASETS.BALANCED: train on the balanced copy
+
+
+def _positive_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def check_fastreid_values(cfg):
+    """fastreid's own keys whose bad values it does not check: they surface after the model is built
+    (a traceback) or as a training loop that never yields a batch."""
+    for key in ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST"):
+        size = cfg.INPUT.get(key.split(".")[1])
+        if len(size) != 2 or not all(_positive_int(v) for v in size):
+            raise ConfigError(f"{key} must be [height, width] in pixels, got {list(size)}")
+    for key in ("SOLVER.MAX_EPOCH", "SOLVER.IMS_PER_BATCH", "TEST.IMS_PER_BATCH",
+                "DATALOADER.NUM_INSTANCE"):
+        section, name = key.split(".")
+        if not _positive_int(cfg[section][name]):
+            raise ConfigError(f"{key} must be a positive integer, got {cfg[section][name]!r}")
+    workers = cfg.DATALOADER.NUM_WORKERS
+    if not isinstance(workers, numbers.Integral) or isinstance(workers, bool) or workers < 0:
+        raise ConfigError(f"DATALOADER.NUM_WORKERS must be >= 0, got {workers!r}")

@@ -24,12 +24,16 @@ def eps_from_255(value):
 
     Attack images live in [0, 1]; fastreid's model multiplies them by 255 before its own
     normalisation, so a budget of 8/255 in [0, 1] units is a budget of 8 in fastreid's model-input
-    units. Raises :class:`AttackConfigError` if ``value`` is not a finite number, is negative, or lies
-    strictly between 0 and 1 (which looks like a budget already in [0, 1] units, e.g. 0.03).
+    units. Raises :class:`AttackConfigError` if ``value`` is not a finite number, is negative, lies
+    strictly between 0 and 1 (which looks like a budget already in [0, 1] units, e.g. 0.03), or is
+    above 255 (255/255 already lets every pixel take any value).
     """
     eps = _finite_number(value, "eps")
     if eps < 0:
         raise AttackConfigError(f"eps must be >= 0 (in 1/255 units), got {value!r}")
+    if eps > 255:
+        raise AttackConfigError(f"eps={value!r} is above 255/255, the whole pixel range; budgets "
+                                f"are given in 1/255 units (8 for 8/255)")
     if 0 < eps < 1:
         raise AttackConfigError(f"eps={value!r} looks like [0, 1] units; budgets are given in 1/255 "
                                 f"units: give 8 for 8/255")

@@ -5,6 +5,8 @@ when no CUDA device is visible, and multi-process training uses gloo on CPU (see
 """
 import logging
 import os
+import socket
+from urllib.parse import urlparse
 
 import torch
 from fastreid.data import build_reid_test_loader
@@ -19,8 +21,8 @@ from fastreid.utils.env import seed_all_rng
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError, load_config
-from ..data.dg import build_dg_train_loader
-from ..data.validation import DatasetError, build_dataset, check_datasets
+from ..data.dg import build_dg_train_loader, build_dg_train_set
+from ..data.validation import DatasetError, build_dataset, check_datasets, check_train_batches
 from ..modeling.dg_config import dg_loader_needed
 from ..modeling.noise import attach_noise_modules, noise_averaged
 from .checkpoint import RobustCheckpointer, WeightsNotFoundError, check_weights_fit
@@ -37,18 +39,88 @@ USER_ERRORS = (ConfigError, DatasetError, WeightsNotFoundError)
 
 
 def resolve_device(cfg):
-    """Run a GPU config on a CPU-only machine: MODEL.DEVICE -> cpu, SOLVER.AMP.ENABLED -> False."""
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    """Run a GPU config on a CPU-only machine: MODEL.DEVICE -> cpu, SOLVER.AMP.ENABLED -> False.
+    A MODEL.DEVICE that is not cpu, cuda or cuda:N (of a visible GPU) is a ConfigError."""
+    try:
+        device = torch.device(cfg.MODEL.DEVICE)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"MODEL.DEVICE must be cpu, cuda or cuda:N, got {cfg.MODEL.DEVICE!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE=%s but CUDA is not available: running on cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
+    elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"MODEL.DEVICE {cfg.MODEL.DEVICE}: this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
         logger.warning("SOLVER.AMP.ENABLED needs CUDA: disabled on %s", cfg.MODEL.DEVICE)
         cfg.SOLVER.AMP.ENABLED = False
     return cfg
 
 
+def check_output_dir(path, key="OUTPUT_DIR"):
+    """``path`` can be created and written. Checked first: fastreid creates it only after the
+    datasets are read (and, with DATALOADER.VERIFY_IMAGES, every image decoded)."""
+    if not path:
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{key} {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} {path} cannot be created: {existing} is not writable")
+
+
+# fastreid's ResNet trunk (also under RobustReID's APNet and dual-branch backbones) downloads its
+# ImageNet weights into $TORCH_HOME/checkpoints when PRETRAIN is True and PRETRAIN_PATH is empty.
+_RESNET_TRUNK_BACKBONES = ("build_resnet_backbone", "build_apnet_backbone",
+                           "build_dual_branch_backbone")
+
+
+def _resnet_pretrain_download(cfg):
+    """(url, cached file) of the ImageNet weights fastreid's ResNet trunk downloads for this
+    config (fastreid's own URL table and cache path), or None for other backbones."""
+    backbone = cfg.MODEL.BACKBONE
+    if backbone.NAME not in _RESNET_TRUNK_BACKBONES:
+        return None
+    from fastreid.modeling.backbones.resnet import model_urls
+
+    key = ("se_" if backbone.WITH_SE else "") + ("ibn_" if backbone.WITH_IBN else "") + \
+        backbone.DEPTH
+    if key not in model_urls:
+        return None
+    torch_home = os.path.expanduser(os.getenv(
+        "TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch")))
+    return model_urls[key], os.path.join(torch_home, "checkpoints",
+                                         os.path.basename(model_urls[key]))
+
+
+def check_pretrain_download(cfg, timeout=5.0):
+    """MODEL.BACKBONE.PRETRAIN True without PRETRAIN_PATH makes fastreid download ImageNet weights
+    while it builds the model: refuse before anything is built when they are not cached and their
+    host cannot be reached (a machine without internet), naming the keys to set. Backbones
+    without fastreid's ResNet trunk are not checked (their download code differs)."""
+    backbone = cfg.MODEL.BACKBONE
+    download = None if backbone.PRETRAIN_PATH or not backbone.PRETRAIN else \
+        _resnet_pretrain_download(cfg)
+    if download is None or os.path.isfile(download[1]):
+        return
+    url = download[0]
+    host = urlparse(url).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"MODEL.BACKBONE.PRETRAIN True without MODEL.BACKBONE.PRETRAIN_PATH "
+                          f"downloads {url}, but {host} cannot be reached ({e}): set "
+                          f"MODEL.BACKBONE.PRETRAIN_PATH /path/to/{os.path.basename(url)}, or "
+                          f"MODEL.BACKBONE.PRETRAIN False") from None
+
+
 def check_weights(cfg, eval_only=False):
-    """Weights paths named in the config must exist before anything is built."""
+    """Weights paths named in the config must exist before anything is built; ImageNet weights
+    for training must be on disk or downloadable."""
     if eval_only and not cfg.MODEL.WEIGHTS:
         raise ConfigError("--eval-only needs trained weights: pass MODEL.WEIGHTS /path/to/model.pth")
     if cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
@@ -56,6 +128,8 @@ def check_weights(cfg, eval_only=False):
     path = cfg.MODEL.BACKBONE.PRETRAIN_PATH
     if cfg.MODEL.BACKBONE.PRETRAIN and path and not os.path.isfile(path):
         raise WeightsNotFoundError(f"MODEL.BACKBONE.PRETRAIN_PATH file not found: {path}")
+    if not eval_only:  # evaluation loads MODEL.WEIGHTS over a model built without them
+        check_pretrain_download(cfg)
 
 
 def build_config(args):
@@ -66,14 +140,27 @@ def build_config(args):
     return cfg
 
 
-def preflight(cfg, eval_only=False):
-    """Every input check that can fail, before training starts: weights, datasets, images."""
+def training_items(cfg):
+    """The (path, pid, camid) list the training loader samples from: fastreid's concatenation of
+    DATASETS.NAMES, or the DG set (after ADIN's validation split) when that loader is used."""
+    if dg_loader_needed(cfg):
+        return build_dg_train_set(cfg).img_items
+    return [item for name in cfg.DATASETS.NAMES
+            for item in build_dataset(name, combineall=cfg.DATASETS.COMBINEALL).train]
+
+
+def preflight(cfg, eval_only=False, world_size=1):
+    """Every input check that can fail, before training starts, cheapest first: output directory,
+    weights, config switches, training batches, datasets (every image decoded).
+    ``world_size``: the training processes (each draws SOLVER.IMS_PER_BATCH / world_size images)."""
+    check_output_dir(cfg.OUTPUT_DIR)
     check_weights(cfg, eval_only=eval_only)
     if cfg.MODEL.WEIGHTS:  # fastreid only warns and skips mismatching tensors
         check_weights_fit(cfg, training=not eval_only)
     if not eval_only:
         check_training_config(cfg)
         check_mpsnn_config(cfg)
+        check_train_batches(cfg, training_items(cfg), world_size)
     train_names = () if eval_only else cfg.DATASETS.NAMES
     check_datasets(train_names, cfg.DATASETS.TESTS, verify=cfg.DATALOADER.VERIFY_IMAGES)
     if cfg.TEST.ROBUST.ENABLED:
@@ -107,6 +194,8 @@ class RobustTrainer(DefaultTrainer):
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)  # also when used without default_setup
         data_loader = self.build_train_loader(cfg)
+        # before the loader is iterated: a sampler that cannot fill a batch would hang there
+        check_train_batches(cfg, data_loader.dataset.img_items, comm.get_world_size())
         cfg = self.auto_scale_hyperparams(cfg, data_loader.dataset.num_classes)
         model = self.build_model(cfg)
         optimizer, param_wrapper = self.build_optimizer(cfg, model)
@@ -131,9 +220,6 @@ class RobustTrainer(DefaultTrainer):
         self.best_robust = BestMetricCheckpoint(cfg.TEST.ROBUST.BEST_METRIC)
 
         self.iters_per_epoch = len(data_loader.dataset) // cfg.SOLVER.IMS_PER_BATCH
-        if self.iters_per_epoch == 0:
-            raise ConfigError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is larger than the "
-                              f"training set ({len(data_loader.dataset)} images)")
         self.scheduler = self.build_lr_scheduler(cfg, optimizer, self.iters_per_epoch)
         self.checkpointer = RobustCheckpointer(
             model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
