@@ -21,6 +21,7 @@ at epochs (ADIN's f_N pre-training takes batches from it between epochs), and re
 cheap, so the stream stays one per run, as fastreid's, and can continue at any batch.
 """
 import itertools
+import logging
 
 import numpy as np
 import torch
@@ -28,6 +29,8 @@ from fastreid.utils import comm
 from torch.utils.data import Dataset, Sampler
 
 from ..rng_state import PrivateNumpyState, seed_cpu_generators, seeded_cpu_generators
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ReplayableSampler", "SeededItems", "TrainBatchStream", "build_train_stream"]
 
@@ -140,6 +143,10 @@ def build_train_stream(cfg, train_set=None):
     from fastreid.data.build import _train_loader_from_config, build_reid_train_loader
 
     parts = _train_loader_from_config(cfg, train_set=train_set, combineall=cfg.DATASETS.COMBINEALL)
+    if parts["num_workers"] == 0 and torch.cuda.is_available():
+        logger.warning("DATALOADER.NUM_WORKERS 0 on CUDA: fastreid's loader (DataLoaderX) prepares "
+                       "batches in a thread that shares torch's random generator with the training "
+                       "step, so runs do not reproduce exactly; use NUM_WORKERS >= 1")
     sampler = ReplayableSampler(parts["sampler"], cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
     loader = build_reid_train_loader(train_set=SeededItems(parts["train_set"]), sampler=sampler,
                                      total_batch_size=parts["total_batch_size"],

@@ -78,6 +78,9 @@ class RobustCheckpointer(Checkpointer):
         self.tag_last_checkpoint(os.path.basename(path))
         return path
 
+    def get_checkpoint_file(self):
+        return last_checkpoint(self.save_dir)
+
     def tag_last_checkpoint(self, last_filename_basename):
         _write_atomically(os.path.join(self.save_dir, LAST_CHECKPOINT),
                           last_filename_basename.encode())
