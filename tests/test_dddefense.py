@@ -238,7 +238,8 @@ def test_every_switch_off_is_fastreids_training_bit_for_bit(tmp_path, datasets_r
     assert not torch.equal(expected["backbone.conv1.weight"], initial["backbone.conv1.weight"])
 
 
-def test_dddefense_trains_and_resumes_every_trainable_part(tmp_path, datasets_root):
+def test_dddefense_trains_and_saves_every_trainable_part(tmp_path, datasets_root):
+    # that a resumed run continues all of them exactly: test_resume.py
     cfg = make_tiny_cfg(tmp_path, *DDD_OPTS, "SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "100")
     first = _train(cfg)
     history = first.storage.histories()
@@ -249,19 +250,7 @@ def test_dddefense_trains_and_resumes_every_trainable_part(tmp_path, datasets_ro
     assert {"discriminator", "discriminator_optimizer", "discriminator_scheduler",
             "best_robust"} <= set(saved)
     assert saved["discriminator_scheduler"]["last_epoch"] == 1  # stepped once per epoch
-
-    second_cfg = make_tiny_cfg(tmp_path, *DDD_OPTS, "SOLVER.MAX_EPOCH", "2")
-    from robustreid.engine import RobustTrainer
-
-    second = RobustTrainer(second_cfg)
-    second.resume_or_load(resume=True)
-    d = second.objective.adversary
-    for key, value in saved["discriminator"].items():
-        assert torch.equal(d.discriminator.state_dict()[key], value), key
-    state = d.optimizer.state_dict()["state"]
-    assert state and all(torch.equal(state[k]["exp_avg"], v["exp_avg"])
-                         for k, v in saved["discriminator_optimizer"]["state"].items())
-    assert d.scheduler.last_epoch == 1
+    d = first.objective.adversary
     assert d.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.SOLVER.BASE_LR * 0.5)
 
 

@@ -1,9 +1,8 @@
-"""RobustTrainer / train_net: end-to-end training, bad input, resume (2-process training: test_distributed.py)."""
+"""RobustTrainer / train_net: end-to-end training, bad input (resuming: test_resume.py; 2-process
+training: test_distributed.py)."""
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -84,47 +83,6 @@ def test_train_then_eval_only_reproduces_metrics(tmp_path, datasets_root):
                                                                    evaluated.stderr)
 
 
-def test_resume_restores_model_optimizer_and_scheduler(tmp_path, datasets_root):
-    from robustreid.engine import RobustTrainer
-
-    cfg = make_tiny_cfg(tmp_path, "SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "100")
-    first = RobustTrainer(cfg)
-    first.resume_or_load(resume=False)
-    first.train()
-    saved = torch.load(tmp_path / "model_final.pth", weights_only=True)
-
-    cfg = make_tiny_cfg(tmp_path, "SOLVER.MAX_EPOCH", "3")
-    second = RobustTrainer(cfg)
-    second.resume_or_load(resume=True)
-    assert second.start_epoch == 1
-    model_state = second.model.state_dict()
-    for key, value in saved["model"].items():
-        assert torch.equal(model_state[key], value), key
-    opt_state = second.optimizer.state_dict()["state"]
-    assert opt_state and all(torch.equal(opt_state[k]["exp_avg"], v["exp_avg"])
-                             for k, v in saved["optimizer"]["state"].items())
-    assert second.scheduler["lr_sched"].last_epoch == saved["lr_sched"]["last_epoch"]
-
-
-def test_killed_run_resumes_from_last_checkpoint(tmp_path, datasets_root):
-    out = tmp_path / "run"
-    args = [*TINY_OPTS, "SOLVER.MAX_EPOCH", "6", "TEST.EVAL_PERIOD", "100", "OUTPUT_DIR", str(out)]
-    env = dict(os.environ, FASTREID_DATASETS=datasets_root, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, TRAIN_NET, "--config-file", CONFIG, *args], env=env,
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "model_0001.pth").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # mid-epoch 2, no chance to clean up
-    proc.wait()
-    assert not (out / "model_final.pth").exists()
-    last = (out / "last_checkpoint").read_text().strip()
-    resumed = train_net("--resume", *args, datasets_root=datasets_root)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    log = resumed.stdout + resumed.stderr
-    epoch_done = int(last.split("_")[1].split(".")[0])
-    assert f"Starting training from epoch {epoch_done + 1}" in log
-    assert (out / "model_final.pth").is_file()
 
 
 def test_eval_only_refuses_weights_that_do_not_fit_the_config(tmp_path, datasets_root):

@@ -282,8 +282,10 @@ def test_noise_optimizer_and_scheduler_round_trip_through_a_checkpoint(tmp_path)
         hook.after_step()
         hook.after_epoch()  # epoch 1: lr x 0.1
     assert objective.noise_optimizer.param_groups[0]["lr"] == pytest.approx(3e-5)
+    objective.task_rng.random()  # the meta-test task draws: a resumed run continues them
     RobustCheckpointer(model, str(tmp_path), **objective.checkpointables()).save("model_0000")
-    assert set(objective.checkpointables()) == {"noise_optimizer", "noise_scheduler"}
+    assert set(objective.checkpointables()) == {"noise_optimizer", "noise_scheduler",
+                                                "mpsnn_task_rng"}
 
     from robustreid.engine.mpsnn import MpsnnObjective
 
@@ -292,6 +294,7 @@ def test_noise_optimizer_and_scheduler_round_trip_through_a_checkpoint(tmp_path)
     RobustCheckpointer(fresh_model, str(tmp_path), **fresh.checkpointables()).resume_or_load(
         str(tmp_path / "model_0000.pth"), resume=True)
     assert fresh.noise_scheduler.state_dict() == objective.noise_scheduler.state_dict()
+    assert fresh.task_rng.getstate() == objective.task_rng.getstate()
     assert fresh.noise_optimizer.param_groups[0]["lr"] == pytest.approx(3e-5)
     old, new = objective.noise_optimizer.state_dict(), fresh.noise_optimizer.state_dict()
     assert old["state"].keys() == new["state"].keys() and len(new["state"]) == 2

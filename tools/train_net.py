@@ -6,14 +6,18 @@
     python tools/train_net.py --config-file CFG --resume          # continue from OUTPUT_DIR
     python tools/train_net.py --config-file CFG --num-gpus 2      # 2 processes (gloo on CPU)
 
-On a CPU-only machine --num-gpus is the number of training processes.
+On a CPU-only machine --num-gpus is the number of training processes. A run stopped by Ctrl-C or
+an error writes its last finished epoch (no evaluation, no model selection) and says how to resume;
+--resume then continues it exactly, as if it had never stopped.
 """
 import sys
+import traceback
 
 import robustreid  # noqa: F401  (applies compat patches, registers everything)
 from fastreid.engine import default_argument_parser
 from robustreid.config import ConfigError
-from robustreid.engine import USER_ERRORS, RobustTrainer, build_config, launch, preflight, setup
+from robustreid.engine import (USER_ERRORS, RobustTrainer, build_config, check_resume, launch,
+                               last_checkpoint, preflight, setup)
 
 
 def main(args):
@@ -26,19 +30,38 @@ def main(args):
     return trainer.train()
 
 
+def resume_hint(cfg):
+    path = last_checkpoint(cfg.OUTPUT_DIR)
+    if not path:
+        return "no checkpoint was written: nothing to resume"
+    return f"to continue, rerun with --resume (before the KEY VALUE options): it resumes {path}"
+
+
 def cli(argv=None):
     args = default_argument_parser().parse_args(argv)
+    cfg = None
     try:
         if args.num_gpus < 1 or args.num_machines < 1:
             raise ConfigError("--num-gpus and --num-machines must be >= 1")
         # Validate config, weights and data once, in the launching process, before any worker starts.
-        preflight(build_config(args), eval_only=args.eval_only,
-                  world_size=args.num_gpus * args.num_machines)
+        cfg = build_config(args)
+        preflight(cfg, eval_only=args.eval_only, world_size=args.num_gpus * args.num_machines)
+        if args.resume and not args.eval_only:
+            check_resume(cfg)
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    except KeyboardInterrupt:
+        print(f"interrupted: {resume_hint(cfg) if cfg and not args.eval_only else 'stopped'}",
+              file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        if cfg is not None and not args.eval_only:
+            print(f"error: training stopped: {resume_hint(cfg)}", file=sys.stderr)
+        return 1
     return 0
 
 

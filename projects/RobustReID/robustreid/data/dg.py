@@ -29,6 +29,7 @@ from fastreid.utils import comm
 from torchvision.transforms import InterpolationMode
 
 from .synth_reid import SIDE_INFO_FILE, TIME_LABELS, side_info_for
+from .train_stream import build_train_stream
 from .validation import DatasetError, datasets_root
 
 logger = logging.getLogger(__name__)
@@ -230,7 +231,6 @@ def build_dg_train_set(cfg):
 
 
 def build_dg_train_loader(cfg):
-    """fastreid's train loader (sampler, batch size, workers from the config) over the DG set."""
-    from fastreid.data import build_reid_train_loader
-
-    return build_reid_train_loader(cfg, train_set=build_dg_train_set(cfg))
+    """fastreid's train loader (sampler, batch size, workers from the config) over the DG set, as
+    the resumable stream of robustreid.data.train_stream."""
+    return build_train_stream(cfg, build_dg_train_set(cfg))

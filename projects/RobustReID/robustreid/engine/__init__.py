@@ -1,8 +1,9 @@
-from .checkpoint import RobustCheckpointer, WeightsNotFoundError, check_weights_fit
+from .checkpoint import (RobustCheckpointer, WeightsNotFoundError, check_resume, check_weights_fit,
+                         last_checkpoint)
 from .defaults import (USER_ERRORS, RobustTrainer, build_config, check_output_dir, check_weights,
                        preflight, resolve_device, setup)
 from fastreid.engine import launch  # CPU-capable once robustreid.compat is applied
 
 __all__ = ["RobustCheckpointer", "RobustTrainer", "USER_ERRORS", "WeightsNotFoundError",
-           "build_config", "check_output_dir", "check_weights", "check_weights_fit", "launch",
-           "preflight", "resolve_device", "setup"]
+           "build_config", "check_output_dir", "check_resume", "check_weights", "check_weights_fit",
+           "last_checkpoint", "launch", "preflight", "resolve_device", "setup"]

@@ -18,19 +18,24 @@ from fastreid.engine.train_loop import TrainerBase
 from fastreid.solver import build_optimizer
 from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
+from fastreid.utils.events import EventStorage
+from fastreid.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError, load_config
-from ..data.dg import build_dg_train_loader, build_dg_train_set
+from ..data.dg import build_dg_train_set
+from ..data.train_stream import build_train_stream
 from ..data.validation import DatasetError, build_dataset, check_datasets, check_train_batches
 from ..modeling.dg_config import dg_loader_needed
 from ..modeling.noise import attach_noise_modules, noise_averaged
-from .checkpoint import RobustCheckpointer, WeightsNotFoundError, check_weights_fit
+from .checkpoint import (RobustCheckpointer, WeightsNotFoundError, check_epochs_left,
+                         check_weights_fit)
 from .dg_steps import build_dg_hooks, build_nuisance_adversary, steps_may_leave_parameters_unused
-from .hooks import StepSchedulerEachEpoch, SyncBufferStats
+from .hooks import EpochBoundary, StepSchedulerEachEpoch, SyncBufferStats
 from .model_selection import BestMetricCheckpoint
 from .mpsnn import MpsnnObjective, build_mpsnn_phases, check_mpsnn_config, excluding_noise_scales
 from .train_steps import PhasedTrainer, TrainingObjective, build_batch_phases, check_training_config
+from .training_state import TrainingState
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +178,8 @@ def setup(args):
     """fastreid's default_setup (logger, output dir, config dump) plus a reproducible seed."""
     cfg = build_config(args)
     default_setup(cfg, args)
+    # fastreid's set-up logs only its own package: RobustReID's lines go to the same console/log.txt
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="robustreid")
     if cfg.ROBUSTREID.SEED >= 0:
         # Distinct but reproducible streams per rank; samplers draw their shared seed from numpy.
         seed_all_rng(cfg.ROBUSTREID.SEED + comm.get_rank())
@@ -185,6 +192,11 @@ class RobustTrainer(DefaultTrainer):
     The training step's extra trainable parts (the feature discriminator with its optimizer and
     scheduler, ...) come from ``TrainingObjective`` and are saved and restored by the checkpointer
     with the model; ``extra_checkpointables()`` is the hook for subclasses to add more.
+
+    A resumed run continues the interrupted one exactly (same weights, bit for bit): checkpoints
+    also hold every process's random generators and the position of the training batch stream
+    (``TrainingState``), and the stream's batches depend on their position alone
+    (robustreid.data.train_stream).
     """
 
     def __init__(self, cfg):
@@ -221,11 +233,15 @@ class RobustTrainer(DefaultTrainer):
 
         self.iters_per_epoch = len(data_loader.dataset) // cfg.SOLVER.IMS_PER_BATCH
         self.scheduler = self.build_lr_scheduler(cfg, optimizer, self.iters_per_epoch)
+        self.training_state = TrainingState(data_loader)
         self.checkpointer = RobustCheckpointer(
             model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(),
             weights_only=cfg.ROBUSTREID.WEIGHTS_ONLY, optimizer=optimizer, **self.scheduler,
             **self.objective.checkpointables(), best_robust=self.best_robust,
+            training_state=self.training_state,
+            **({"grad_scaler": grad_scaler} if grad_scaler is not None else {}),
             **self.extra_checkpointables())
+        self.epoch_boundary = EpochBoundary(self.training_state, self.checkpointer)
 
         self.start_epoch = 0
         self.max_epoch = cfg.SOLVER.MAX_EPOCH
@@ -250,8 +266,69 @@ class RobustTrainer(DefaultTrainer):
             hooks.insert(0, StepSchedulerEachEpoch(self.objective.adversary.scheduler))
         # fastreid's EvalHook calls test() without the epoch; ours tells it whether the robust
         # evaluation (TEST.ROBUST.PERIOD) is due, so both land in one results dict.
-        return [fastreid_hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_and_save_results)
-                if isinstance(h, fastreid_hooks.EvalHook) else h for h in hooks]
+        evaluation = [i for i, h in enumerate(hooks) if isinstance(h, fastreid_hooks.EvalHook)][0]
+        hooks[evaluation] = fastreid_hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD,
+                                                    self._test_and_save_results)
+        # After the evaluation (it draws random numbers too), before the periodic checkpoint.
+        hooks.insert(evaluation + 1, self.epoch_boundary)
+        return hooks
+
+    def resume_or_load(self, resume=True):
+        """``resume``: continue the run of OUTPUT_DIR's last checkpoint exactly (everything in it
+        must fit: RobustCheckpointer.resume); otherwise, or with nothing to resume, load
+        MODEL.WEIGHTS' model weights only (none if empty), as fastreid does."""
+        if resume and self.checkpointer.has_checkpoint():
+            path = self.checkpointer.get_checkpoint_file()
+            self.start_epoch = self.checkpointer.resume(path).get("epoch", -1) + 1
+            check_epochs_left(path, self.start_epoch, self.max_epoch)
+            logger.info("Resuming %s: training continues at epoch %d", path, self.start_epoch)
+            return
+        if resume:
+            logger.info("--resume: %s holds no checkpoint (no last_checkpoint file): a new run "
+                        "starts", self.cfg.OUTPUT_DIR)
+        self.checkpointer.load(self.cfg.MODEL.WEIGHTS, checkpointables=[])
+
+    def train(self):
+        """fastreid's loop (TrainerBase.train, DefaultTrainer.train), except for a run that stops
+        early, by Ctrl-C or any exception: fastreid then still runs every hook's after_train, whose
+        final evaluation and robust model selection (model_best_robust.pth) would judge a
+        half-trained model. Here it runs none of the evaluation, writes the last epoch boundary for
+        --resume (EpochBoundary), logs where it stopped, and re-raises."""
+        logger.info("Starting training from epoch %d", self.start_epoch)
+        self.iter = self.start_iter = self.start_epoch * self.iters_per_epoch
+        with EventStorage(self.start_iter) as self.storage:
+            try:
+                self.before_train()
+                for self.epoch in range(self.start_epoch, self.max_epoch):
+                    self.before_epoch()
+                    for _ in range(self.iters_per_epoch):
+                        self.before_step()
+                        self.run_step()
+                        self.after_step()
+                        self.iter += 1
+                    self.after_epoch()
+            except BaseException as e:
+                self._stop_early(e)
+                raise
+            self.after_train()
+        if comm.is_main_process():
+            return self._last_eval_results
+
+    def before_train(self):
+        super().before_train()
+        self.training_state.restore_generators()  # the set-up hooks' draws must not shift them
+
+    def _stop_early(self, error):
+        path = self.epoch_boundary.write_last() or self.checkpointer.get_checkpoint_file()
+        self.storage.iter = self.iter
+        for hook in self._hooks:  # the rest of after_train: timing summary, flushing the writers
+            if not isinstance(hook, fastreid_hooks.EvalHook):
+                hook.after_train()
+        cause = type(error).__name__ + (f" ({error})" if str(error) else "")
+        logger.warning("Training stopped in epoch %d (iteration %d) by %s: no evaluation, no model "
+                       "selection; --resume continues from %s",
+                       getattr(self, "epoch", self.start_epoch), self.iter, cause,
+                       path or "nothing (no checkpoint yet)")
 
     def _robust_due(self):
         """TEST.ROBUST.PERIOD: every PERIOD epochs (when the clean evaluation runs) and at the end."""
@@ -291,7 +368,7 @@ class RobustTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         # BAU/ADIN batches carry a strong view / domain labels (robustreid.data.dg)
-        return build_dg_train_loader(cfg) if dg_loader_needed(cfg) else super().build_train_loader(cfg)
+        return build_train_stream(cfg, build_dg_train_set(cfg) if dg_loader_needed(cfg) else None)
 
     @classmethod
     def build_model(cls, cfg):

@@ -38,6 +38,7 @@ from ..modeling.losses.mpsnn import fca_loss, mpsnn_loss_terms, noise_regularize
 from ..modeling.noise import (META_TASKS, anisotropic_factor, isotropic_scale_names, noise_disabled,
                               split_noise_parameters, take_clean_features)
 from ..parallel import unwrap
+from ..rng_state import PythonRandomState
 from .distributed import mean_across_ranks
 from .meta_step import meta_losses, split_by_identity, subset
 from .train_steps import MetricAdversarialBatch
@@ -179,9 +180,10 @@ class MpsnnObjective:
         return self.test_fraction if self.meta else 0.0
 
     def checkpointables(self):
-        if self.noise_optimizer is None:
-            return {}
-        return {"noise_optimizer": self.noise_optimizer, "noise_scheduler": self.noise_scheduler}
+        parts = {"mpsnn_task_rng": PythonRandomState(self.task_rng)}  # a resumed run draws on
+        if self.noise_optimizer is not None:
+            parts.update(noise_optimizer=self.noise_optimizer, noise_scheduler=self.noise_scheduler)
+        return parts
 
     def hook(self):
         return MpsnnHook(self)
