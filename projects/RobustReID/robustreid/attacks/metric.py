@@ -35,14 +35,20 @@ class FNA(ReidAttack):
     guides, pull toward the farthest other identity's centroid (:class:`FurthestNegativeLoss`).
 
     Starts from a uniform random point of the eps-ball (DDDefense eq. 3's x + eta); Bouniot et al.'s
-    code starts from x, which ``rand_init=False`` reproduces.
+    code starts from x, which ``rand_init=False`` reproduces. ``include_self=True`` also counts the
+    sample's own clean feature among the push guides, as Bouniot et al.'s code does (DDDefense eq. 3
+    does not say whether x itself is in P); by default it is excluded.
     """
 
     rand_init = True
     push = True
 
+    def __init__(self, extractor, *, include_self=False, **kwargs):
+        self.include_self = check_choice(include_self, (False, True), "include_self")
+        super().__init__(extractor, **kwargs)
+
     def build_loss(self):
-        return FurthestNegativeLoss(self.distance, push=self.push)
+        return FurthestNegativeLoss(self.distance, push=self.push, include_self=self.include_self)
 
 
 @ATTACK_REGISTRY.register()
@@ -72,6 +78,8 @@ class SMA(ReidAttack):
 @ATTACK_REGISTRY.register()
 class IFGSM(ReidAttack):
     """Metric I-FGSM (Bai et al. 2020's AMA): from x, 1/255 sign steps on the ``loss`` (module doc).
+    Bai et al.'s guides are the attacked image's same-ID images of the other, clean split (robust
+    evaluation: the gallery for attacked queries, ``robustreid.evaluation.guide_choice``).
 
     Bai et al. divide the gradient by its mean absolute value before the sign, which does not change
     a sign step: this is plain I-FGSM on advertorch's engine.
