@@ -202,3 +202,18 @@ def test_each_cell_reports_its_guide_split(random_model_evaluators):
     assert {c["attack"]: c["guides"] for c in result["cells"]} == {
         "FNA": "query", "SMA": None, "IFGSM": "gallery"}
 
+
+def test_robust_evaluation_runs_fna_as_bouniot_and_options_override_it():
+    from robustreid.evaluation.robust import AttackCell, RobustEvaluator
+
+    evaluator = RobustEvaluator.__new__(RobustEvaluator)  # only the attack factory is exercised
+    evaluator.attack_extractor, evaluator.distance, evaluator.eot_samples = object(), "euclidean", 1
+    evaluator.step_size, evaluator.attack_options = None, {}
+    fna = evaluator.build_cell_attack(AttackCell("FNA", 8.0, 4))
+    assert (fna.rand_init, fna.include_self) == (False, True)  # from x, own feature pushed
+    trained = build_attack("FNA", object(), eps=8, steps=4)  # the training attack: DDDefense eq. 3
+    assert (trained.rand_init, trained.include_self) == (True, False)
+    evaluator.attack_options = {"FNA": {"rand_init": True, "include_self": False}}
+    fna = evaluator.build_cell_attack(AttackCell("FNA", 8.0, 4))
+    assert (fna.rand_init, fna.include_self) == (True, False)
+    assert evaluator.build_cell_attack(AttackCell("FNA", 8.0, 4), rand_init=False).rand_init is False

@@ -6,6 +6,7 @@ Defaults (eps and step sizes in 1/255 units), and where they come from:
 name       loss                        start            step size
 =========  ==========================  ===============  ======================================
 FNA        furthest-negative           random (eq. 3)   1 (Bouniot et al.'s code)
+                                       (x in robust evaluation, as Bouniot et al.'s code)
 FNA_PULL   pull term of FNA            random           1
 SMA        self metric                 random, always   1 (Bouniot et al.'s code)
 IFGSM      metric I-FGSM / AMA         x                1 (Bai et al.)
@@ -37,7 +38,9 @@ class FNA(ReidAttack):
     Starts from a uniform random point of the eps-ball (DDDefense eq. 3's x + eta); Bouniot et al.'s
     code starts from x, which ``rand_init=False`` reproduces. ``include_self=True`` also counts the
     sample's own clean feature among the push guides, as Bouniot et al.'s code does (DDDefense eq. 3
-    does not say whether x itself is in P); by default it is excluded.
+    does not say whether x itself is in P); by default it is excluded. Robust evaluation runs FNA as
+    Bouniot et al.'s evaluation does, from x and with its own feature (measured stronger there:
+    ``robustreid.evaluation.robust.EVALUATION_OPTIONS``); training keeps these defaults.
     """
 
     rand_init = True

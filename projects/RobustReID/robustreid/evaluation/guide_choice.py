@@ -3,8 +3,8 @@
 Each attack follows its reference (the attacked split is the query set unless ``attack_gallery``):
 
 * FNA, FNA_PULL (Bouniot et al. 2020; DDDefense eq. 3, "A = the query set during inference"): the
-  attacked split itself; its rows name the attacked samples, whose own rows FNA leaves out of their
-  push guides unless ``include_self``.
+  attacked split itself; its rows name the attacked samples (robust evaluation's FNA counts its own
+  row among its push guides, as Bouniot et al.'s code: ``robust.EVALUATION_OPTIONS``).
 * The metric I-FGSM family FGSM/IFGSM/MIFGSM/NIFGSM/SINIFGSM (Bai et al. 2020's AMA) and WMA (thesis
   eq. 4.3): the clean split the attacked one is ranked against, so that an attacked query is pushed
   away from its true matches in the gallery (Bai et al.'s code attacks the gallery and takes every
