@@ -116,6 +116,8 @@ def test_fna_include_self_adds_the_own_clean_feature_as_push_guide():
                                         rel=1e-6)
     with pytest.raises(ValueError, match="include_self"):
         build_attack("FNA", toy_extractor(), eps=8, steps=1, include_self="yes")
+    with pytest.raises(ValueError, match="FNA_PULL has no push guides"):
+        build_attack("FNA_PULL", toy_extractor(), eps=8, steps=1, include_self=True)
 
 
 def test_gallery_guided_ifgsm_respects_its_budget_and_raises_its_loss():
@@ -196,11 +198,13 @@ def test_query_option_reproduces_the_old_numbers(random_model_evaluators):
 
 
 def test_each_cell_reports_its_guide_split(random_model_evaluators):
-    from robustreid.evaluation.robust import attack_grid
+    from robustreid.evaluation.robust import attack_grid, build_report, robust_markdown
 
     result = random_model_evaluators[""].run(attack_grid(["FNA", "SMA", "IFGSM"], [8], [1]))
     assert {c["attack"]: c["guides"] for c in result["cells"]} == {
         "FNA": "query", "SMA": None, "IFGSM": "gallery"}
+    table = robust_markdown(build_report({"distance": "euclidean"}, [result], 0.0))
+    assert "queries attacked, gallery clean; guide sets: FNA query, IFGSM gallery;" in table
 
 
 def test_robust_evaluation_runs_fna_as_bouniot_and_options_override_it():

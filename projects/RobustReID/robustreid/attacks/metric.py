@@ -48,6 +48,8 @@ class FNA(ReidAttack):
 
     def __init__(self, extractor, *, include_self=False, **kwargs):
         self.include_self = check_choice(include_self, (False, True), "include_self")
+        if self.include_self and not self.push:
+            raise AttackConfigError(f"{self.name} has no push guides: include_self does not apply")
         super().__init__(extractor, **kwargs)
 
     def build_loss(self):

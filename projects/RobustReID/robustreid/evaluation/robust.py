@@ -648,6 +648,10 @@ def robust_markdown(report):
     surrogate = report["settings"].get("surrogate_config")
     if surrogate:
         protocol += f"; transfer (black-box) attacks crafted on {os.path.basename(surrogate)}"
+    guided = dict.fromkeys(f"{c['attack']} {c['guides']}" for d in datasets for c in d["cells"]
+                           if c.get("guides"))
+    if guided:
+        protocol += "; guide sets: " + ", ".join(guided)
     lines = [f"mAP/Rank-1 (%); {protocol}; attack distance {report['settings'].get('distance')}, "
              f"retrieval metric {datasets[0]['metric'] if datasets else '?'}.", ""]
     lines += papers_table([report])
