@@ -119,6 +119,7 @@ def test_markdown_tables(tool):
 # --------------------------------------------------------------------------- runs (faked)
 
 TINY = ["--dataset", "SynthReIDTiny", "--override", "DATALOADER.VERIFY_IMAGES", "False",
+        "--override", "SOLVER.IMS_PER_BATCH", "16",  # SynthReIDTiny has 60 training images
         "--attacks", "FNA", "--steps", "1"]
 
 

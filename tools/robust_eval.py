@@ -3,13 +3,16 @@
 
     python tools/robust_eval.py --config-file CFG MODEL.WEIGHTS model.pth [KEY VALUE ...]
         [--attacks FNA,SMA,IFGSM] [--eps 8,10] [--steps 16] [--step-size S] [--distance euclidean]
-        [--attack-gallery] [--eot N] [--defense NAME [--bpda]] [--max-queries N]
+        [--attack-gallery] [--guides gallery|query] [--eot N] [--defense NAME [--bpda]]
+        [--max-queries N]
         [--attack-option NAME:KEY=VALUE ...]
         [--surrogate-config CFG --surrogate-weights W]
         [--output DIR] [--sanity]
 
 Budgets are L-inf in 1/255 units ("8" is 8/255). Each attack x eps x steps cell attacks the queries
-(guide set: the query set) and ranks them against the clean gallery (DDDefense / Bouniot protocol);
+and ranks them against the clean gallery (DDDefense / Bouniot protocol); guide sets follow each
+attack's reference: the query set for FNA, the clean gallery for the metric I-FGSM family (Bai et
+al.'s AMA) and WMA, whose guide split --guides gallery|query may name instead;
 --attack-gallery attacks the gallery instead (AMA protocol); --surrogate-* crafts the attacks on
 another model and evaluates them on this one (transfer / black-box). Writes results.json, results.md,
 mAP_vs_eps.png and per_identity_map.png to DIR (default OUTPUT_DIR/robust_eval) and prints the
@@ -33,12 +36,14 @@ from robustreid.attacks import (AttackConfigError, build_defense, build_surrogat
 from robustreid.config import ConfigError, load_config
 from robustreid.engine import (USER_ERRORS, RobustTrainer, check_output_dir, check_weights,
                                check_weights_fit, preflight, setup)
+from robustreid.evaluation.guide_choice import check_guides
 from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
                                           check_attack_settings, parse_attack_options,
                                           robust_markdown, sanity_checks, write_report)
 
 OPTION_NAMES = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
-                "distance": "--distance", "eot": "--eot", "options": "--attack-option"}
+                "distance": "--distance", "eot": "--eot", "options": "--attack-option",
+                "guides": "--guides"}
 
 
 def build_parser():
@@ -51,7 +56,10 @@ def build_parser():
                         help="attack step in 1/255 units (0 = each attack's own default)")
     parser.add_argument("--distance", default="euclidean", help="attack distance: euclidean, cosine")
     parser.add_argument("--attack-gallery", action="store_true",
-                        help="attack the gallery (gallery as guide set), queries clean")
+                        help="attack the gallery, queries clean (AMA protocol)")
+    parser.add_argument("--guides", default="",
+                        help="guide split of the I-FGSM family and WMA: gallery or query "
+                             "(default: the clean split the attacked one is ranked against)")
     parser.add_argument("--eot", default="1", help="EOT gradient samples per attack step")
     parser.add_argument("--defense", default="", help="input-transformation defense name")
     parser.add_argument("--bpda", action="store_true", help="attack the defense through BPDA")
@@ -91,6 +99,7 @@ def parse_settings(ns):
         max_queries=_numbers(ns.max_queries, "--max-queries", int, minimum=0)[0],
         step_size=_numbers(ns.step_size, "--step-size", float, minimum=0)[0] or None,
         defense=ns.defense or None, bpda=ns.bpda, attack_gallery=ns.attack_gallery,
+        guides=check_guides(ns.guides, OPTION_NAMES["guides"]),
         surrogate_config=ns.surrogate_config or None, surrogate_weights=ns.surrogate_weights or None)
     check_attack_settings(settings["attacks"], settings["eps"], settings["steps"], ns.distance,
                           settings["eot"], OPTION_NAMES)
@@ -143,7 +152,8 @@ def run(ns, settings, checked_cfg, defense):
     for name in cfg.DATASETS.TESTS:
         evaluator = RobustEvaluator(
             cfg, model, name, distance=settings["distance"], max_queries=settings["max_queries"],
-            attack_gallery=settings["attack_gallery"], eot_samples=settings["eot"], defense=defense,
+            attack_gallery=settings["attack_gallery"], guides=settings["guides"],
+            eot_samples=settings["eot"], defense=defense,
             seed=seed, strict_budget=not ns.sanity, surrogate=surrogate,
             step_size=settings["step_size"], attack_options=settings["attack_options"])
         result = evaluator.run(cells)

@@ -69,6 +69,11 @@ def add_robustreid_config(cfg):
     cfg.TEST.ROBUST.MAX_QUERIES = 0
     # AMA protocol: attack the gallery (gallery as guide set) and keep the queries clean.
     cfg.TEST.ROBUST.ATTACK_GALLERY = False
+    # Guide split of the metric I-FGSM family and WMA: "" = their references' (the clean split the
+    # attacked one is ranked against, Bai et al.'s AMA: the gallery when queries are attacked),
+    # or "gallery" / "query" by name. FNA always uses the attacked split (Bouniot et al.).
+    # (robustreid.evaluation.guide_choice)
+    cfg.TEST.ROBUST.GUIDES = ""
     # Expectation over transformation: gradient samples per step (for randomized defenses).
     cfg.TEST.ROBUST.EOT_SAMPLES = 1
     # Robust model selection: after each evaluation where this results key exists (e.g.

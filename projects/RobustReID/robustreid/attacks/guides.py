@@ -1,5 +1,6 @@
 """The guide set A of metric attacks (DDDefense eq. 3): clean features and identities of accessible
-samples, typically the current batch during training and the query set at evaluation."""
+samples, typically the current batch during training; at evaluation the query set (FNA) or the clean
+gallery (the I-FGSM family and WMA, whose references push a query away from its true matches)."""
 import functools
 from typing import NamedTuple
 

@@ -49,17 +49,21 @@ class FurthestNegativeLoss:
     """FNA (Bouniot et al. 2020; DDDefense eq. 3 with A = the guide set):
     sum_{g in P} d(f(x+d), g) - d(f(x+d), c_far), P = the sample's same-ID guides (itself excluded),
     c_far = the centroid of the identity farthest from the clean feature f(x). ``push=False`` keeps
-    only the pull term (FNA_PULL)."""
+    only the pull term (FNA_PULL). ``include_self=True`` counts the sample's own guide row (its clean
+    feature, when ``sample_index`` names it) among P, as Bouniot et al.'s code does: an extra
+    d(f(x+d), f(x)) push, SMA's loss, whose gradient is zero at d = 0."""
 
     needs_guides = True
     needs_clean_features = True
 
-    def __init__(self, distance, push=True):
+    def __init__(self, distance, push=True, include_self=False):
         self.distance = distance
         self.push = push
+        self.include_self = include_self
 
     def targets(self, guides, pids, clean_features, sample_index):
-        same_id = (guides.same_id(pids, sample_index, normalize=self.distance == "cosine")
+        excluded = None if self.include_self else sample_index
+        same_id = (guides.same_id(pids, excluded, normalize=self.distance == "cosine")
                    if self.push else None)
         return FurthestNegativeTargets(same_id, *guides.farthest_centroids(clean_features, pids,
                                                                            self.distance))

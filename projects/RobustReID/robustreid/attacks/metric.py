@@ -6,6 +6,7 @@ Defaults (eps and step sizes in 1/255 units), and where they come from:
 name       loss                        start            step size
 =========  ==========================  ===============  ======================================
 FNA        furthest-negative           random (eq. 3)   1 (Bouniot et al.'s code)
+                                       (x in robust evaluation, as Bouniot et al.'s code)
 FNA_PULL   pull term of FNA            random           1
 SMA        self metric                 random, always   1 (Bouniot et al.'s code)
 IFGSM      metric I-FGSM / AMA         x                1 (Bai et al.)
@@ -35,14 +36,24 @@ class FNA(ReidAttack):
     guides, pull toward the farthest other identity's centroid (:class:`FurthestNegativeLoss`).
 
     Starts from a uniform random point of the eps-ball (DDDefense eq. 3's x + eta); Bouniot et al.'s
-    code starts from x, which ``rand_init=False`` reproduces.
+    code starts from x, which ``rand_init=False`` reproduces. ``include_self=True`` also counts the
+    sample's own clean feature among the push guides, as Bouniot et al.'s code does (DDDefense eq. 3
+    does not say whether x itself is in P); by default it is excluded. Robust evaluation runs FNA as
+    Bouniot et al.'s evaluation does, from x and with its own feature (measured stronger there:
+    ``robustreid.evaluation.robust.EVALUATION_OPTIONS``); training keeps these defaults.
     """
 
     rand_init = True
     push = True
 
+    def __init__(self, extractor, *, include_self=False, **kwargs):
+        self.include_self = check_choice(include_self, (False, True), "include_self")
+        if self.include_self and not self.push:
+            raise AttackConfigError(f"{self.name} has no push guides: include_self does not apply")
+        super().__init__(extractor, **kwargs)
+
     def build_loss(self):
-        return FurthestNegativeLoss(self.distance, push=self.push)
+        return FurthestNegativeLoss(self.distance, push=self.push, include_self=self.include_self)
 
 
 @ATTACK_REGISTRY.register()
@@ -72,6 +83,8 @@ class SMA(ReidAttack):
 @ATTACK_REGISTRY.register()
 class IFGSM(ReidAttack):
     """Metric I-FGSM (Bai et al. 2020's AMA): from x, 1/255 sign steps on the ``loss`` (module doc).
+    Bai et al.'s guides are the attacked image's same-ID images of the other, clean split (robust
+    evaluation: the gallery for attacked queries, ``robustreid.evaluation.guide_choice``).
 
     Bai et al. divide the gradient by its mean absolute value before the sign, which does not change
     a sign step: this is plain I-FGSM on advertorch's engine.

@@ -1,11 +1,13 @@
 """Adversarial robustness evaluation of a ReID model: white-box metric attacks, per-identity mAP.
 
-Protocol (Bouniot et al. 2020, used by DDDefense and DAS): the QUERY images are attacked with the
-query set as guide set, the gallery is extracted from clean images, and the adversarial query
-features are ranked against the clean gallery with the usual Market-1501 rules.  ``attack_gallery``
-switches to the AMA protocol (Bai et al. 2020): the gallery is attacked with the gallery as guide
-set and the queries stay clean.  Budgets are L-inf, in 1/255 units of [0,1] images; a cell
-"FNA 8/255-16" is FNA with eps 8/255 and 16 iterations.  Tables report "mAP/Rank-1" as the papers do.
+Protocol (Bouniot et al. 2020, used by DDDefense and DAS): the QUERY images are attacked, the gallery
+is extracted from clean images, and the adversarial query features are ranked against the clean
+gallery with the usual Market-1501 rules.  Guide sets follow each attack's reference
+(:mod:`.guide_choice`): the query set for FNA, the clean gallery for the metric I-FGSM family (Bai et
+al. 2020's AMA) and WMA.  ``attack_gallery`` switches to the AMA protocol (Bai et al. 2020): the
+gallery is attacked and the queries stay clean (and guide the I-FGSM family).  Budgets are L-inf,
+in 1/255 units of [0,1] images; a cell "FNA 8/255-16" is FNA with eps 8/255 and 16 iterations.
+Tables report "mAP/Rank-1" as the papers do.
 
 Clean features are extracted once (through the same :class:`ReidFeatureExtractor`, so any input
 defense applies to clean images too); each attack cell then re-reads the attacked split, perturbs it
@@ -40,6 +42,7 @@ from ..attacks.validation import check_choice, positive_int
 from ..config import ConfigError
 from ..data.validation import build_dataset
 from .faiss_evaluator import _faiss_options
+from .guide_choice import check_guides, guide_split_name
 from .ranking import evaluate_rank_from_features, valid_query_mask
 
 logger = logging.getLogger(__name__)
@@ -48,9 +51,18 @@ METRICS = ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")
 ROBUST_CONFIG_NAMES = {key: f"TEST.ROBUST.{key.upper()}" for key in
                        ("attacks", "eps", "steps", "distance")} | {
                            "eot": "TEST.ROBUST.EOT_SAMPLES",
-                           "options": "TEST.ROBUST.ATTACK_OPTIONS"}
+                           "options": "TEST.ROBUST.ATTACK_OPTIONS", "guides": "TEST.ROBUST.GUIDES"}
 # Keywords every cell sets itself (attack_grid, RobustEvaluator): not per-attack options.
 CELL_KEYWORDS = ("eps", "steps", "distance")
+# Attack options of the evaluation that differ from the attack classes' defaults (those of the
+# training attack); attack_options override them. FNA as Bouniot et al.'s evaluation code runs it:
+# from x (not DDDefense eq. 3's random start) with the query's own clean feature among its push
+# guides. Their code also pads each guide list up to the largest identity's query count with more
+# copies of that feature, so on Market the own term weighs 1 + max - n; here it counts once (the
+# same on SynthReID, two queries per identity). Measured on a 6-epoch SynthReID BoT R18 (clean mAP
+# 56.5): mAP 19.96 vs 21.56 (random start, own row left out) at 1/255-16, 4.38 vs 5.61 at 2/255-4,
+# 0.84 vs 0.85 at 8/255-16 (below chance, 2.2).
+EVALUATION_OPTIONS = {"FNA": {"rand_init": False, "include_self": True}}
 # Slack on "mAP does not increase with eps or steps" (mAP points): attacks are local searches.
 MONOTONE_TOLERANCE = 0.5
 # The "very large budget" of the sanity check, and how close to chance it must bring the model:
@@ -208,10 +220,10 @@ class Split:
 def select_queries(items, max_queries, seed):
     """All queries, or a seeded subset of ``max_queries`` kept in dataset order.
 
-    Whole identities in a seeded random order (the last one possibly cut): the guide-based attacks
-    (I-FGSM / AMA, WMA's push loss) need each attacked query's other same-ID queries as guides,
-    which a uniform sample of queries mostly lacks. Random rather than the first N identities,
-    because datasets list queries sorted by identity.
+    Whole identities in a seeded random order (the last one possibly cut): the attacks guided by
+    the query set (FNA, and any attack with ``guides="query"``) need each attacked query's other
+    same-ID queries as guides, which a uniform sample of queries mostly lacks. Random rather than
+    the first N identities, because datasets list queries sorted by identity.
     """
     if not max_queries or max_queries >= len(items):
         return list(items)
@@ -233,13 +245,15 @@ class RobustEvaluator:
     ``robustreid.attacks.build_surrogate_extractor``) makes every attack a transfer (black-box)
     attack: crafted on the surrogate, with the surrogate's clean features as the guide set, and
     evaluated on this model. ``attack_options`` maps attack names to keyword options of that attack
-    (:func:`parse_attack_options`).
+    (:func:`parse_attack_options`). ``guides`` ("", "gallery" or "query") picks the guide split of
+    the I-FGSM family and WMA (:mod:`.guide_choice`; "": their references').
     """
 
     def __init__(self, cfg, model, dataset_name, *, distance="euclidean", max_queries=0,
                  attack_gallery=False, eot_samples=1, defense=None, seed=0, strict_budget=True,
-                 progress=True, surrogate=None, step_size=None, attack_options=None):
+                 progress=True, surrogate=None, step_size=None, attack_options=None, guides=""):
         self.cfg = cfg
+        self.guides = check_guides(guides, "guides")
         self.step_size = step_size or None  # 1/255 units; None: each attack's own default
         self.attack_options = attack_options or {}
         self.extractor = ReidFeatureExtractor(model, defense=defense)
@@ -257,7 +271,7 @@ class RobustEvaluator:
             defense.to(self.device)
         self.surrogate = surrogate
         self.attack_extractor = surrogate if surrogate is not None else self.extractor
-        self._guide_features = None  # the attack model's clean features of the attacked split
+        self._guide_features = {}  # split name -> the attack model's clean features of it
         skipped = [k for k in ("FLIP", "AQE", "RERANK") if cfg.TEST[k].ENABLED]
         if skipped:
             logger.warning("TEST.%s not applied by the robust evaluation (plain %s retrieval)",
@@ -299,15 +313,28 @@ class RobustEvaluator:
         """Features used for ranking: the mean of TEST.NOISE_DRAWS forwards (stochastic models)."""
         return expected_output(extractor, x01, self.cfg.TEST.NOISE_DRAWS).float().cpu()
 
-    def guide_features(self):
-        """Clean features of the attacked split in the attack model's space (the guide set A)."""
-        if self._guide_features is None:
+    def guide_split(self, attack):
+        """The split whose clean features guide ``attack`` (:func:`guide_split_name`)."""
+        name = guide_split_name(attack, self.guides, self.attacked.name)
+        return self.query if name == self.query.name else self.gallery
+
+    def guide_features(self, split):
+        """Clean features of ``split`` in the attack model's space (a guide set A)."""
+        if split.name not in self._guide_features:
             if self.surrogate is None:
-                self._guide_features = self.attacked.features
+                self._guide_features[split.name] = split.features
             else:
                 with self.surrogate.frozen_eval():
-                    self._guide_features = self._clean_features(self.attacked, self.surrogate)
-        return self._guide_features
+                    self._guide_features[split.name] = self._clean_features(split, self.surrogate)
+        return self._guide_features[split.name]
+
+    def guide_set(self, attack):
+        """(GuideSet of ``attack``, whether it holds the attacked split: its rows are then the
+        attacked samples' own, left out of their same-ID guides)."""
+        split = self.guide_split(attack)
+        guides = GuideSet(self.guide_features(split).to(self.device),
+                          torch.as_tensor(split.pids).to(self.device))
+        return guides, split is self.attacked
 
     def _score(self, q_feats, g_feats):
         chunk, use_gpu, backend = _faiss_options(self.cfg)
@@ -338,7 +365,8 @@ class RobustEvaluator:
         torch.manual_seed(self.seed)
 
     def build_cell_attack(self, cell, **attack_kwargs):
-        attack_kwargs = {**self.attack_options.get(cell.attack, {}), **attack_kwargs}
+        attack_kwargs = {**EVALUATION_OPTIONS.get(cell.attack, {}),
+                         **self.attack_options.get(cell.attack, {}), **attack_kwargs}
         attack_kwargs.setdefault("step_size", self.step_size)
         attack = build_attack(cell.attack, self.attack_extractor, eps=cell.eps, steps=cell.steps,
                               distance=self.distance, **attack_kwargs)
@@ -355,15 +383,14 @@ class RobustEvaluator:
         """Features of the attacked split under ``attack``, the largest L-inf change and the largest
         budget use (the attack's ``budget_used``, in its eps units; L-inf in 1/255 without one)."""
         split = self.attacked
-        guides = GuideSet(self.guide_features().to(self.device),
-                          torch.as_tensor(split.pids).to(self.device))
+        guides, own_rows = self.guide_set(attack)
         bound = cell.eps + 255e-6  # 1e-6 in [0, 1] units for L-inf budgets
         feats, max_linf, max_used, in_range, offset = [], 0.0, 0.0, True, 0
         batches = tqdm(self._loader(split), desc=f"{self.dataset_name} {cell.label}", unit="batch",
                        leave=True, disable=not self.progress, dynamic_ncols=True)
         for batch in batches:
             x01 = self._x01(batch)
-            rows = torch.arange(offset, offset + len(x01), device=self.device)
+            rows = torch.arange(offset, offset + len(x01), device=self.device) if own_rows else None
             adv = attack.perturb(x01, batch["targets"].to(self.device), guides=guides,
                                  sample_index=rows).detach()
             linf = float((adv - x01).abs().max())
@@ -382,7 +409,8 @@ class RobustEvaluator:
     def evaluate_attack(self, attack, cell):
         """Metrics with the attacked split perturbed by any object with ``perturb(x01, pids, ...)``."""
         self.evaluate_clean()
-        self.guide_features()
+        guide_split = self.guide_split(attack)
+        self.guide_features(guide_split)
         start = time.perf_counter()
         with self.extractor.frozen_eval(), self.attack_extractor.frozen_eval():
             self._seed()
@@ -397,6 +425,8 @@ class RobustEvaluator:
             "steps": cell.steps, "step_size_255": getattr(attack, "step_size", None),
             "distance": getattr(attack, "distance", self.distance),
             "eot_samples": getattr(attack, "eot_samples", 1), "transfer": self.surrogate is not None,
+            "guides": guide_split.name if getattr(getattr(attack, "loss", None), "needs_guides",
+                                                  False) else None,
             "noise_draws": self.cfg.TEST.NOISE_DRAWS,
             "max_linf_255": max_linf * 255, "max_budget_used": max_used, "pixels_in_range": in_range,
             "within_budget": in_range and max_used <= cell.eps + 255e-6,
@@ -431,6 +461,7 @@ def check_robust_config(cfg):
                           robust.DISTANCE, robust.EOT_SAMPLES, ROBUST_CONFIG_NAMES)
     if robust.MAX_QUERIES < 0 or robust.PERIOD < 0:
         raise ConfigError("TEST.ROBUST.MAX_QUERIES and TEST.ROBUST.PERIOD must be >= 0")
+    check_guides(robust.GUIDES, ROBUST_CONFIG_NAMES["guides"])
     parse_attack_options(robust.ATTACK_OPTIONS, list(robust.ATTACKS), ROBUST_CONFIG_NAMES)
 
 
@@ -448,7 +479,7 @@ def robust_test(cfg, model, progress=False):
     for name in cfg.DATASETS.TESTS:
         evaluator = RobustEvaluator(cfg, model, name, distance=robust.DISTANCE,
                                     max_queries=robust.MAX_QUERIES, step_size=robust.STEP_SIZE,
-                                    attack_gallery=robust.ATTACK_GALLERY,
+                                    attack_gallery=robust.ATTACK_GALLERY, guides=robust.GUIDES,
                                     eot_samples=robust.EOT_SAMPLES, seed=seed, progress=progress,
                                     attack_options=options)
         flat[name] = flat_metrics(evaluator.run(cells))
@@ -617,6 +648,10 @@ def robust_markdown(report):
     surrogate = report["settings"].get("surrogate_config")
     if surrogate:
         protocol += f"; transfer (black-box) attacks crafted on {os.path.basename(surrogate)}"
+    guided = dict.fromkeys(f"{c['attack']} {c['guides']}" for d in datasets for c in d["cells"]
+                           if c.get("guides"))
+    if guided:
+        protocol += "; guide sets: " + ", ".join(guided)
     lines = [f"mAP/Rank-1 (%); {protocol}; attack distance {report['settings'].get('distance')}, "
              f"retrieval metric {datasets[0]['metric'] if datasets else '?'}.", ""]
     lines += papers_table([report])
