@@ -224,8 +224,11 @@ def test_run_trained_with_another_config_is_refused(tool, fake_runs, tmp_path, d
     code = tool.main(methods_args(tmp_path, "--override", "SOLVER.BASE_LR", "0.1"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and len(fake_runs["train"]) == 4
+    from robustreid.config import load_config
+
+    base_lr = load_config(BOT).SOLVER.BASE_LR
     assert err[0].startswith(f"error: {tmp_path / 'ev' / 'base' / 'seed0'} was trained with another "
-                             "config (SOLVER.BASE_LR: 0.00035 -> 0.1)")
+                             f"config (SOLVER.BASE_LR: {base_lr} -> 0.1)")
 
 
 # --------------------------------------------------------------------------- input checks
