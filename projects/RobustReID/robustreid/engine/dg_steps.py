@@ -61,8 +61,8 @@ from ..modeling.losses.adin import (NuisanceHead, calibrated_negative_entropy_lo
                                     focal_entropy_loss, negative_entropy_loss,
                                     nuisance_class_prior, reverse_gradient_loss)
 from ..parallel import unwrap
-from .distributed import broadcast_from_rank0, mean_across_ranks
-from .hooks import StepSchedulerEachEpoch, average_buffers_across_ranks
+from .distributed import average_buffers_across_ranks, broadcast_from_rank0, mean_across_ranks
+from .hooks import StepSchedulerEachEpoch
 from .part_optimizer import build_part_optimizer
 
 logger = logging.getLogger(__name__)

@@ -25,3 +25,12 @@ def broadcast_from_rank0(module):
         return
     for tensor in [*module.parameters(), *module.buffers()]:
         dist.broadcast(tensor.detach(), src=0)
+
+
+def average_buffers_across_ranks(model):
+    """Average floating-point buffers (BatchNorm running statistics) over all processes.
+
+    DDP is built with broadcast_buffers=False, so each rank's BN statistics drift apart; averaging
+    them before evaluation and checkpointing gives every rank the same model, as on one process.
+    """
+    mean_across_ranks([b for b in model.buffers() if torch.is_floating_point(b)])

@@ -1,19 +1,9 @@
 """Training hooks RobustReID adds to fastreid's defaults."""
 import os
 
-import torch
 from fastreid.engine.hooks import HookBase
 
-from .distributed import mean_across_ranks
-
-
-def average_buffers_across_ranks(model):
-    """Average floating-point buffers (BatchNorm running statistics) over all processes.
-
-    DDP is built with broadcast_buffers=False, so each rank's BN statistics drift apart; averaging
-    them before evaluation and checkpointing gives every rank the same model, as on one process.
-    """
-    mean_across_ranks([b for b in model.buffers() if torch.is_floating_point(b)])
+from .distributed import average_buffers_across_ranks
 
 
 class SyncBufferStats(HookBase):
