@@ -15,7 +15,8 @@ setup(
     packages=find_packages("projects/RobustReID"),
     python_requires=">=3.10",
     install_requires=["torch>=2.0", "torchvision", "yacs", "numpy", "scipy", "Pillow", "tqdm",
-                      "matplotlib", "advertorch==0.2.3"],
+                      "matplotlib", "advertorch==0.2.3",
+                      "pytorch-metric-learning==2.9.0"],
     extras_require={
         "cpu": ["faiss-cpu>=1.7.3"],
         "gpu": ["faiss-gpu"],
