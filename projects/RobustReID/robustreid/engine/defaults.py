@@ -26,6 +26,7 @@ from ..config import ConfigError, load_config
 from ..data.dg import build_dg_train_set
 from ..data.train_stream import build_train_stream
 from ..data.validation import DatasetError, build_dataset, check_datasets, check_train_batches
+from ..evaluation.clustering_evaluator import check_clustering_config
 from ..modeling.dg_config import dg_loader_needed
 from ..modeling.noise import attach_noise_modules, noise_averaged
 from .checkpoint import (RobustCheckpointer, WeightsNotFoundError, check_epochs_left,
@@ -166,6 +167,8 @@ def preflight(cfg, eval_only=False, world_size=1):
         check_training_config(cfg)
         check_mpsnn_config(cfg)
         check_train_batches(cfg, training_items(cfg), world_size)
+    if cfg.TEST.EVALUATOR == "ClusteringEvaluator":
+        check_clustering_config(cfg)
     train_names = () if eval_only else cfg.DATASETS.NAMES
     check_datasets(train_names, cfg.DATASETS.TESTS, verify=cfg.DATALOADER.VERIFY_IMAGES)
     if cfg.TEST.ROBUST.ENABLED:
