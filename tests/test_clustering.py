@@ -210,7 +210,7 @@ def test_clustering_report_of_identical_members_is_the_single_models():
                                  inference=inference) == single
 
 
-# --- the registered evaluator ----------------------------------------------------------------------
+# --- the registered evaluator ---------------------------------------------------------------------
 def clustering_cfg(*opts):
     from robustreid.config import load_config
 

@@ -44,7 +44,7 @@ def add_robustreid_config(cfg):
     # "torch", "faiss" (faiss-cpu) or "faiss-gpu". k-NN for re-ranking always uses a faiss index.
     cfg.TEST.FAISS.BACKEND = "auto"
 
-    # ClusteringEvaluator (robustreid.evaluation.clustering; EAT eq. 11-13), k-means k = test classes.
+    # ClusteringEvaluator (robustreid.evaluation.clustering, EAT eq. 11-13); k-means k = classes.
     cfg.TEST.CLUSTERING = CN()
     # Recall@k ranks (CUB200/CARS196: 1, 2, 4, 8; In-Shop/SOP: 1, 10, 20).
     cfg.TEST.CLUSTERING.RECALL_KS = (1, 2, 4, 8)

@@ -163,12 +163,12 @@ def preflight(cfg, eval_only=False, world_size=1):
     check_weights(cfg, eval_only=eval_only)
     if cfg.MODEL.WEIGHTS:  # fastreid only warns and skips mismatching tensors
         check_weights_fit(cfg, training=not eval_only)
+    if cfg.TEST.EVALUATOR == "ClusteringEvaluator":
+        check_clustering_config(cfg)
     if not eval_only:
         check_training_config(cfg)
         check_mpsnn_config(cfg)
         check_train_batches(cfg, training_items(cfg), world_size)
-    if cfg.TEST.EVALUATOR == "ClusteringEvaluator":
-        check_clustering_config(cfg)
     train_names = () if eval_only else cfg.DATASETS.NAMES
     check_datasets(train_names, cfg.DATASETS.TESTS, verify=cfg.DATALOADER.VERIFY_IMAGES)
     if cfg.TEST.ROBUST.ENABLED:

@@ -118,7 +118,8 @@ def _neighbour_lists(features, k: int, normalize: bool, use_gpu: bool):
     n = x.shape[0]
     if not 0 < k < n:
         raise ValueError(f"Recall@k needs 0 < k < number of samples, got k={k} for {n} samples")
-    # Exact faiss flat search (streams over blocks of the database internally).
+    # Exact faiss flat search; faiss scores it in blocks of queries x database rows, so memory
+    # stays at the (n, k + 1) result.
     dist, idx = knn(x, k + 1, metric="cosine" if normalize else "euclidean", use_gpu=use_gpu)
     is_self = idx == np.arange(n)[:, None]
     is_self[~is_self.any(axis=1), -1] = True
@@ -156,7 +157,8 @@ def recall_at_k(features, labels, ks: Sequence[int] = (1, 2, 4, 8), normalize: b
 def _majority(votes, tie_order):
     """Per row, the most frequent entry of ``votes`` (n, M); ties go to the tied entry whose column
     comes first in ``tie_order`` (n, M) (column indices, best first)."""
-    counts = (votes[:, :, None] == votes[:, None, :]).sum(axis=2)  # (n, M): votes for each column's label
+    # counts[i, m]: how many columns of row i hold the label of column m
+    counts = (votes[:, :, None] == votes[:, None, :]).sum(axis=2)
     ranked = np.take_along_axis(counts, tie_order, axis=1)
     winner = np.take_along_axis(tie_order, ranked.argmax(axis=1)[:, None], axis=1)
     return np.take_along_axis(votes, winner, axis=1)[:, 0]
@@ -169,8 +171,8 @@ def vote_clusterings(clusterings: Sequence) -> np.ndarray:
     the first member's by the Hungarian method (maximum agreement on the contingency matrix;
     scipy's ``linear_sum_assignment``, O(k^3) for k clusters).  A member cluster left unmatched
     (members with different cluster counts) votes for an id no other cluster has.  Then each
-    sample takes the label most members give it; a tie goes to the earliest member among the tied,
-    so the first member's label whenever it is tied.  Returns the first member's ids, shape ``(n,)``.
+    sample takes the label most members give it; a tie goes to the earliest member among the
+    tied, so the first member's label whenever it is tied.  Returns the first member's ids, (n,).
     """
     members = [np.asarray(c).ravel() for c in clusterings]
     if not members or any(m.shape != members[0].shape for m in members):
@@ -230,11 +232,11 @@ def clustering_report(features, labels, ks: Sequence[int] = (1, 2, 4, 8), seed: 
                       use_gpu: bool = False) -> Dict[str, float]:
     """``{"NMI", "F1", "R@k" for k in ks}`` in percent, k-means with k = number of classes.
 
-    ``features`` (n, members * d) holds one L2-normalised d-dimensional embedding per ensemble
-    member side by side (``members=1``: a single model).  ``inference`` combines them:
+    ``features`` (n, members * d) holds one d-dimensional embedding per ensemble member side by
+    side (``members=1``: a single model); each is L2-normalised here.  ``inference`` combines them:
 
-    * ``"mean"``: the mean of the normalised member embeddings (differentiable; what an attack on the
-      ensemble sees);
+    * ``"mean"``: the mean of the normalised member embeddings (differentiable: what an attack
+      on the ensemble sees);
     * ``"concat"``: the normalised embeddings concatenated;
     * ``"vote"`` (the paper's): k-means per member, merged by :func:`vote_clusterings` for NMI/F1,
       and :func:`voted_recall_at_k` for R@k.
