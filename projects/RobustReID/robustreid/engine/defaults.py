@@ -26,6 +26,7 @@ from ..config import ConfigError, load_config
 from ..data.dg import build_dg_train_set
 from ..data.train_stream import build_train_stream
 from ..data.validation import DatasetError, build_dataset, check_datasets, check_train_batches
+from ..evaluation.clustering_evaluator import check_clustering_config
 from ..modeling.dg_config import dg_loader_needed
 from ..modeling.noise import attach_noise_modules, noise_averaged
 from .checkpoint import (RobustCheckpointer, WeightsNotFoundError, check_epochs_left,
@@ -162,6 +163,8 @@ def preflight(cfg, eval_only=False, world_size=1):
     check_weights(cfg, eval_only=eval_only)
     if cfg.MODEL.WEIGHTS:  # fastreid only warns and skips mismatching tensors
         check_weights_fit(cfg, training=not eval_only)
+    if cfg.TEST.EVALUATOR == "ClusteringEvaluator":
+        check_clustering_config(cfg)
     if not eval_only:
         check_training_config(cfg)
         check_mpsnn_config(cfg)

@@ -28,7 +28,7 @@ from .retrieval import ExactRetriever
 
 logger = logging.getLogger(__name__)
 
-EVALUATORS = ("FaissReidEvaluator", "ReidEvaluator")
+EVALUATORS = ("FaissReidEvaluator", "ReidEvaluator", "ClusteringEvaluator")
 
 
 def _faiss_options(cfg):
@@ -129,4 +129,8 @@ def build_reid_evaluator(cfg, num_query, output_dir=None):
         from fastreid.evaluation import ReidEvaluator
 
         return ReidEvaluator(cfg, num_query, output_dir)
+    if name == "ClusteringEvaluator":
+        from .clustering_evaluator import ClusteringEvaluator
+
+        return ClusteringEvaluator(cfg, num_query, output_dir)
     raise ValueError(f"Unknown TEST.EVALUATOR {name!r}; expected one of {list(EVALUATORS)}")

@@ -1,0 +1,94 @@
+"""``ClusteringEvaluator``: fastreid's DatasetEvaluator contract with the DML clustering metrics.
+
+``TEST.EVALUATOR ClusteringEvaluator`` scores a test set as deep-metric-learning papers do (EAT,
+eq. 11-13): NMI and pairwise F1 of a k-means clustering (k = number of test classes) and Recall@k,
+from :func:`robustreid.evaluation.clustering.clustering_report` with ``cfg.TEST.CLUSTERING``.
+
+DML test sets have no query/gallery split: every test image is clustered and is a query against
+all the others, so the query and gallery parts of fastreid's test stream are pooled (an image listed
+in both counts once, by its path).  Retrieval is cosine on L2-normalised features whatever
+TEST.METRIC says (the DML convention).
+"""
+import copy
+import itertools
+import numbers
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from fastreid.evaluation.evaluator import DatasetEvaluator
+from fastreid.utils import comm
+
+from ..config import ConfigError, _positive_int
+from .clustering import INFERENCES, clustering_report
+from .faiss_evaluator import _faiss_options
+
+
+def check_clustering_config(cfg):
+    """ConfigError naming the first bad ``TEST.CLUSTERING`` key and its value."""
+    clustering = cfg.TEST.CLUSTERING
+    ks = clustering.RECALL_KS
+    if not isinstance(ks, (list, tuple)) or not ks or not all(_positive_int(k) for k in ks):
+        raise ConfigError(f"TEST.CLUSTERING.RECALL_KS must be positive integers, got {ks!r}")
+    for key in ("KMEANS_NITER", "MEMBERS"):
+        if not _positive_int(clustering[key]):
+            raise ConfigError(f"TEST.CLUSTERING.{key} must be a positive integer, "
+                              f"got {clustering[key]!r}")
+    seed = clustering.SEED
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ConfigError(f"TEST.CLUSTERING.SEED must be an integer >= 0, got {seed!r}")
+    if clustering.INFERENCE not in INFERENCES:
+        raise ConfigError(f"TEST.CLUSTERING.INFERENCE must be one of {list(INFERENCES)}, "
+                          f"got {clustering.INFERENCE!r}")
+
+
+class ClusteringEvaluator(DatasetEvaluator):
+    """NMI, F1 and Recall@k (percent) of the whole test set; ``metric`` (the key fastreid's
+    best-model checkpointing reads) is Recall@ the smallest k, R@1 by default."""
+
+    def __init__(self, cfg, num_query=None, output_dir=None):
+        check_clustering_config(cfg)
+        self.cfg = cfg
+        self._output_dir = output_dir
+        self._predictions = []
+
+    def reset(self):
+        self._predictions = []
+
+    def process(self, inputs, outputs):
+        self._predictions.append({
+            "feats": outputs.to("cpu", torch.float32),
+            "pids": inputs["targets"].to("cpu"),
+            "paths": list(inputs.get("img_paths", ())),
+        })
+
+    def _gathered_predictions(self):
+        if comm.get_world_size() > 1:
+            comm.synchronize()
+            predictions = comm.gather(self._predictions, dst=0)
+            if not comm.is_main_process():
+                return None
+            return list(itertools.chain(*predictions))
+        return self._predictions
+
+    def evaluate(self):
+        predictions = self._gathered_predictions()
+        if predictions is None:  # non-main rank in distributed evaluation
+            return {}
+        features = torch.cat([p["feats"] for p in predictions], dim=0)
+        pids = torch.cat([p["pids"] for p in predictions], dim=0).numpy()
+        paths = list(itertools.chain.from_iterable(p["paths"] for p in predictions))
+        if len(paths) == len(pids):  # pool query and gallery: each image once
+            _, first = np.unique(np.asarray(paths), return_index=True)
+            keep = np.sort(first)
+            features, pids = features[torch.from_numpy(keep)], pids[keep]
+
+        clustering = self.cfg.TEST.CLUSTERING
+        _, use_gpu, _ = _faiss_options(self.cfg)
+        report = clustering_report(features, pids, ks=clustering.RECALL_KS, seed=clustering.SEED,
+                                   members=clustering.MEMBERS, inference=clustering.INFERENCE,
+                                   niter=clustering.KMEANS_NITER, use_gpu=use_gpu)
+        results = OrderedDict(report)
+        results["metric"] = report[f"R@{min(clustering.RECALL_KS)}"]
+        self._results = results
+        return copy.deepcopy(results)
