@@ -3,7 +3,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 
@@ -18,13 +17,10 @@ T_975_2 = 4.302653  # Student-t quantile 0.975 with 2 degrees of freedom (tables
 
 @pytest.fixture(scope="module")
 def tool():
-    # The tool imports its sibling tools (train_net, robust_eval, run_state) as a script would.
-    sys.path.insert(0, TOOLS)
     spec = importlib.util.spec_from_file_location("evidence_tool", os.path.join(TOOLS, "evidence.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     yield module
-    sys.path.remove(TOOLS)
 
 
 # --------------------------------------------------------------------------- statistics
