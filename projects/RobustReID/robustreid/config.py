@@ -94,6 +94,19 @@ def add_robustreid_config(cfg):
     # "FNA_8_16/mAP"), keep the best checkpoint as OUTPUT_DIR/model_best_robust.pth; "" = off.
     cfg.TEST.ROBUST.BEST_METRIC = ""
 
+    # Proxy-Anchor loss (Kim et al., CVPR 2020; EAT's metric loss): "ProxyAnchorLoss" in
+    # MODEL.LOSSES.NAME, on outputs["features"], one proxy per class (MODEL.HEADS.NUM_CLASSES);
+    # needs MODEL.META_ARCHITECTURE RobustBaseline (robustreid.modeling.losses.proxy_anchor).
+    # Defaults: the authors' code (tjddus9597/Proxy-Anchor-CVPR2020 code/train.py, README).
+    cfg.MODEL.LOSSES.PA = CN()
+    cfg.MODEL.LOSSES.PA.MARGIN = 0.1           # delta (--mrg 0.1)
+    cfg.MODEL.LOSSES.PA.ALPHA = 32.0           # scaling alpha (--alpha 32)
+    cfg.MODEL.LOSSES.PA.SCALE = 1.0            # weight of loss_proxy_anchor in the total loss
+    cfg.MODEL.LOSSES.PA.LR_MULTIPLIER = 100.0  # proxies' LR = SOLVER.BASE_LR x this (lr * 100)
+    # First epochs with the backbone frozen: only the new layers (heads, proxies) train; 0 = off
+    # (--warm 1 for BN-Inception on all four datasets, 5 for ResNet-50).
+    cfg.MODEL.LOSSES.PA.WARMUP_EPOCHS = 1
+
     # Online metric adversarial training (engine/train_steps.py: MetricAdversarialBatch).
     # Defaults: DDDefense's supplementary (FNA, 5/255, 8 iterations, Euclidean).
     cfg.ADV_TRAIN = CN()

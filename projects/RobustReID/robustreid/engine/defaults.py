@@ -28,6 +28,7 @@ from ..data.train_stream import build_train_stream
 from ..data.validation import DatasetError, build_dataset, check_datasets, check_train_batches
 from ..evaluation.clustering_evaluator import check_clustering_config
 from ..modeling.dg_config import dg_loader_needed
+from ..modeling.losses.proxy_anchor import check_proxy_anchor_config
 from ..modeling.noise import attach_noise_modules, noise_averaged
 from .checkpoint import (RobustCheckpointer, WeightsNotFoundError, check_epochs_left,
                          check_weights_fit)
@@ -35,6 +36,7 @@ from .dg_steps import build_dg_hooks, build_nuisance_adversary, steps_may_leave_
 from .hooks import EpochBoundary, StepSchedulerEachEpoch, SyncBufferStats
 from .model_selection import BestMetricCheckpoint
 from .mpsnn import MpsnnObjective, build_mpsnn_phases, check_mpsnn_config, excluding_noise_scales
+from .proxy_anchor import build_proxy_anchor_hooks, set_proxy_lr, warmup_epochs
 from .train_steps import PhasedTrainer, TrainingObjective, build_batch_phases, check_training_config
 from .training_state import TrainingState
 
@@ -168,6 +170,7 @@ def preflight(cfg, eval_only=False, world_size=1):
     if not eval_only:
         check_training_config(cfg)
         check_mpsnn_config(cfg)
+        check_proxy_anchor_config(cfg)
         check_train_batches(cfg, training_items(cfg), world_size)
     train_names = () if eval_only else cfg.DATASETS.NAMES
     check_datasets(train_names, cfg.DATASETS.TESTS, verify=cfg.DATALOADER.VERIFY_IMAGES)
@@ -206,6 +209,7 @@ class RobustTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         check_training_config(cfg)
         check_mpsnn_config(cfg)
+        check_proxy_anchor_config(cfg)
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)  # also when used without default_setup
         data_loader = self.build_train_loader(cfg)
@@ -220,7 +224,9 @@ class RobustTrainer(DefaultTrainer):
             model = DistributedDataParallel(
                 model, device_ids=[comm.get_local_rank()] if on_gpu else None,
                 broadcast_buffers=False,
-                find_unused_parameters=steps_may_leave_parameters_unused(cfg))
+                # the Proxy-Anchor warm-up leaves the backbone without gradients
+                find_unused_parameters=steps_may_leave_parameters_unused(cfg) or
+                warmup_epochs(cfg) > 0)
 
         grad_scaler = torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP.ENABLED else None
         if cfg.MPSNN.ENABLED:  # the stochastic network's own objective (thesis Algorithms 2-3)
@@ -261,6 +267,7 @@ class RobustTrainer(DefaultTrainer):
     def build_hooks(self):
         hooks = super().build_hooks()
         hooks[0:0] = build_dg_hooks(self)  # BAU memory initialisation, ADIN schedule, f_N's LR
+        hooks[0:0] = build_proxy_anchor_hooks(self)  # the backbone's warm-up
         if comm.get_world_size() > 1:
             hooks.insert(0, SyncBufferStats())  # first, so evaluation and checkpoint see it
         if isinstance(self.objective, MpsnnObjective):
@@ -382,7 +389,9 @@ class RobustTrainer(DefaultTrainer):
         # contiguous=False: ContiguousParams does not train under torch 2 (see robustreid.compat).
         # Noise scales have their own optimizer (thesis Algorithm 2).
         with excluding_noise_scales(model):
-            return build_optimizer(cfg, model, contiguous=False)
+            optimizer, param_wrapper = build_optimizer(cfg, model, contiguous=False)
+        set_proxy_lr(cfg, optimizer, model)  # Proxy-Anchor's proxies: LR_MULTIPLIER x BASE_LR
+        return optimizer, param_wrapper
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -19,6 +19,9 @@ Additions, all inert for a plain batch with every switch off (same losses as Bas
   robustreid.engine.dg_steps.PrototypeMemoryInit), and with adversarial rows
   ``loss_bau_adv_uniform`` / ``loss_bau_adv_align``. The memory is updated with the original view's
   features after the losses (eq. 7).
+* ``"ProxyAnchorLoss"`` in MODEL.LOSSES.NAME: ``loss_proxy_anchor`` on ``outputs["features"]``, the
+  Proxy-Anchor loss of the module ``proxy_anchor`` (its proxies are model parameters;
+  robustreid.modeling.losses.proxy_anchor).
 """
 import logging
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from fastreid.modeling.meta_arch.baseline import Baseline
 from fastreid.modeling.meta_arch.build import META_ARCH_REGISTRY
 
 from ..losses.bau import PrototypeMemory, alignment_loss, domain_uniformity_loss, uniformity_loss
+from ..losses.proxy_anchor import ProxyAnchor, proxy_anchor_enabled
 from ..losses.soft_labels import soft_cross_entropy
 
 logger = logging.getLogger(__name__)
@@ -80,9 +84,10 @@ def neck_dim(cfg):
 class RobustBaseline(Baseline):
 
     @configurable
-    def __init__(self, *, bau=None, num_classes=0, memory_dim=0, **kwargs):
+    def __init__(self, *, bau=None, num_classes=0, memory_dim=0, proxy_anchor=None, **kwargs):
         """NOTE: this interface is experimental (fastreid's @configurable convention)."""
         super().__init__(**kwargs)
+        self.proxy_anchor = proxy_anchor
         self.bau = bau
         self._warned_uninitialised = False
         if bau is not None and bau.domain and num_classes > 0:
@@ -96,6 +101,8 @@ class RobustBaseline(Baseline):
         if "DG" in cfg and cfg.DG.BAU.ENABLED:
             kwargs.update(bau=BauSettings.from_config(cfg),
                           num_classes=cfg.MODEL.HEADS.NUM_CLASSES, memory_dim=neck_dim(cfg))
+        if proxy_anchor_enabled(cfg):
+            kwargs.update(proxy_anchor=ProxyAnchor.from_config(cfg))
         return kwargs
 
     def forward(self, batched_inputs, return_outputs=False):
@@ -152,6 +159,8 @@ class RobustBaseline(Baseline):
         if soft_targets is not None and "loss_cls" in loss_dict:
             loss_dict["loss_cls"] = (soft_cross_entropy(outputs["cls_outputs"], soft_targets)
                                      * self.loss_kwargs["ce"]["scale"])
+        if self.proxy_anchor is not None:
+            loss_dict["loss_proxy_anchor"] = self.proxy_anchor(outputs["features"], gt_labels)
         return loss_dict
 
     # ---------------------------------------------------------------- BAU
