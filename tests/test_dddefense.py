@@ -317,3 +317,47 @@ def test_best_robust_checkpoint_keeps_the_resume_tag(tmp_path, datasets_root):
     assert (tmp_path / "last_checkpoint").read_text().strip() == "model_final.pth"
     best = torch.load(tmp_path / "model_best_robust.pth", weights_only=True)
     assert best["best_metric"]["mAP"] == pytest.approx(trainer.best_robust.best)
+
+
+def test_separate_losses_sum_the_clean_and_adversarial_parts_of_eq10(tiny_cfg):
+    """ADV_TRAIN.SEPARATE_LOSSES: l(G, x, y) + l(G, x_adv, y_adv), each part's losses on its own
+    rows; off, one loss over the combined batch (the default, unchanged)."""
+    from fastreid.modeling.meta_arch import build_model
+    from fastreid.utils.events import EventStorage
+
+    cfg = tiny_cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.META_ARCHITECTURE = "RobustBaseline"
+    cfg.MODEL.HEADS.NUM_CLASSES = 4
+    torch.manual_seed(0)
+    combined = build_model(cfg).train()
+    cfg.ADV_TRAIN.SEPARATE_LOSSES = True
+    separate = build_model(cfg).train()
+    separate.load_state_dict(combined.state_dict())
+    torch.manual_seed(1)
+    images = torch.rand(16, 3, 64, 32) * 255
+    pids = torch.arange(4).repeat(4)
+    is_adv = torch.arange(16) >= 8
+    batch = {"images": images, "targets": pids, "camids": torch.zeros(16, dtype=torch.long),
+             "is_adversarial": is_adv}
+    with EventStorage(0):  # fastreid's losses log the classifier accuracy
+        # One training-mode forward over the 16 rows (BN batch statistics of the whole batch),
+        # then the losses by hand on each half of the head outputs.
+        # (fastreid's preprocess_image normalises the batch's images in place: a copy per forward)
+        losses, outputs = separate(dict(batch, images=images.clone()), return_outputs=True)
+        expected = {}
+        for rows in (~is_adv, is_adv):
+            part = {k: v[rows] for k, v in outputs.items() if k != "neck_features"}
+            for name, value in combined.losses(part, pids[rows]).items():
+                expected[name] = expected.get(name, 0) + value
+        whole = combined(dict(batch, images=images.clone()))
+        plain = separate({"images": images.clone(), "targets": pids, "camids": batch["camids"]})
+    assert set(losses) == set(expected) == {"loss_cls", "loss_triplet"}
+    for name in losses:
+        assert torch.allclose(losses[name], expected[name], rtol=1e-5), name
+    # CE is a mean over rows: over two equal halves the combined loss is half the summed parts;
+    # the triplet loss mines within each part instead of across them, so it differs otherwise.
+    assert torch.allclose(whole["loss_cls"], 0.5 * losses["loss_cls"], rtol=1e-5)
+    assert not torch.allclose(whole["loss_triplet"], 0.5 * losses["loss_triplet"])
+    # Without adversarial rows the switch changes nothing.
+    assert all(torch.equal(plain[k], whole[k]) for k in whole)

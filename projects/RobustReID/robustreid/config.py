@@ -119,6 +119,11 @@ def add_robustreid_config(cfg):
     # False: train on the adversarial batch only (DDDefense eq. 5, "Metric AT"; Bouniot et al.'s
     # Adv_train); True: clean + adversarial (needed by the discriminator, eq. 6, and eq. 10).
     cfg.ADV_TRAIN.INCLUDE_CLEAN = False
+    # With INCLUDE_CLEAN: False = one loss over the combined clean + adversarial batch (each part
+    # weighs half, triplets mine across parts); True = eq. 10 as written, l(G, x, y) + l(G, x_adv, y_adv):
+    # the model's losses on the clean rows plus those on the adversarial rows (the paper leaves open
+    # which one its code does).
+    cfg.ADV_TRAIN.SEPARATE_LOSSES = False
 
     # FNES, farthest negative extension softening (DDDefense eq. 4; supplementary values). Needs
     # MODEL.META_ARCHITECTURE RobustBaseline (soft labels in the classification loss).

@@ -9,6 +9,9 @@ Additions, all inert for a plain batch with every switch off (same losses as Bas
   the features (for a discriminator) without a second forward pass; ``outputs["neck_features"]``
   are the retrieval features (what the model returns in eval mode, before L2 normalisation) of the
   same rows (ADIN's nuisance classifier reads them).
+* ``ADV_TRAIN.SEPARATE_LOSSES``: with clean + adversarial rows (``batched_inputs["is_adversarial"]``)
+  the losses are computed on each part and summed (DDDefense eq. 10 as written) instead of once over
+  the combined batch.
 * ``DG.BAU.ENABLED``: BAU (Cho et al., NeurIPS 2024). The batch carries a strongly augmented view
   ``images_strong`` of its first S rows (S = B, or the clean half when ADV_TRAIN doubles the batch);
   both views go through the backbone and head in one forward. CE and triplet see the original rows
@@ -84,9 +87,11 @@ def neck_dim(cfg):
 class RobustBaseline(Baseline):
 
     @configurable
-    def __init__(self, *, bau=None, num_classes=0, memory_dim=0, proxy_anchor=None, **kwargs):
+    def __init__(self, *, bau=None, num_classes=0, memory_dim=0, proxy_anchor=None,
+                 separate_adv_losses=False, **kwargs):
         """NOTE: this interface is experimental (fastreid's @configurable convention)."""
         super().__init__(**kwargs)
+        self.separate_adv_losses = separate_adv_losses
         self.proxy_anchor = proxy_anchor
         self.bau = bau
         self._warned_uninitialised = False
@@ -103,6 +108,8 @@ class RobustBaseline(Baseline):
                           num_classes=cfg.MODEL.HEADS.NUM_CLASSES, memory_dim=neck_dim(cfg))
         if proxy_anchor_enabled(cfg):
             kwargs.update(proxy_anchor=ProxyAnchor.from_config(cfg))
+        if "ADV_TRAIN" in cfg:
+            kwargs.update(separate_adv_losses=bool(cfg.ADV_TRAIN.SEPARATE_LOSSES))
         return kwargs
 
     def forward(self, batched_inputs, return_outputs=False):
@@ -136,7 +143,12 @@ class RobustBaseline(Baseline):
             neck_features = neck.get("out", outputs["features"])
         if strong is not None:
             outputs = {key: value[:num_rows] for key, value in outputs.items()}
-        losses = self.losses(outputs, targets, batched_inputs.get("soft_targets"))
+        is_adv = batched_inputs.get("is_adversarial")
+        if self.separate_adv_losses and is_adv is not None and 0 < int(is_adv.sum()) < len(is_adv):
+            losses = self._clean_plus_adversarial_losses(outputs, targets,
+                                                         batched_inputs.get("soft_targets"), is_adv)
+        else:
+            losses = self.losses(outputs, targets, batched_inputs.get("soft_targets"))
         if strong is not None:
             losses.update(self._bau_losses(neck_features, num_rows, targets, batched_inputs))
         if return_outputs:
@@ -162,6 +174,17 @@ class RobustBaseline(Baseline):
         if self.proxy_anchor is not None:
             loss_dict["loss_proxy_anchor"] = self.proxy_anchor(outputs["features"], gt_labels)
         return loss_dict
+
+    def _clean_plus_adversarial_losses(self, outputs, targets, soft_targets, is_adv):
+        """DDDefense eq. 10 term by term: each loss on the clean rows plus the same loss on the
+        adversarial rows (ADV_TRAIN.SEPARATE_LOSSES)."""
+        total = {}
+        for rows in (~is_adv, is_adv):
+            part = {key: value[rows] for key, value in outputs.items()}
+            soft = None if soft_targets is None else soft_targets[rows]
+            for name, value in self.losses(part, targets[rows], soft).items():
+                total[name] = total[name] + value if name in total else value
+        return total
 
     # ---------------------------------------------------------------- BAU
     def memory_ready(self):
