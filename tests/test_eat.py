@@ -363,3 +363,34 @@ def test_train_net_reports_a_bad_eat_key_in_one_line(tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == ["error: EAT.BETA must be in [0, 1], got 2.0"]
     assert not out.exists()
+
+
+def test_configs_pair_eat_with_single_model_at_under_the_same_training_attack():
+    import os
+
+    from robustreid.config import load_config
+    from robustreid.engine.eat import default_step_size
+    from robustreid.engine.train_steps import check_training_config
+
+    configs = os.path.join(REPO, "configs", "SynthReID")
+    eat = load_config(os.path.join(configs, "eat_R18.yml"))
+    single = load_config(os.path.join(configs, "at_single_R18.yml"))
+    for cfg in (eat, single):
+        check_training_config(cfg)
+    assert eat.EAT.ENABLED and eat.EAT.MEMBERS == 3 and eat.EAT.SELF_TRANSFER and \
+        eat.EAT.DATA_SPLIT
+    assert single.ADV_TRAIN.ATTACK == "SMA" and single.ADV_TRAIN.INCLUDE_CLEAN
+    assert (single.ADV_TRAIN.EPS, single.ADV_TRAIN.STEPS) == (eat.EAT.EPS, eat.EAT.STEPS) == (16, 10)
+    assert single.ADV_TRAIN.STEP_SIZE == default_step_size(eat.EAT.EPS, eat.EAT.STEPS) == 4
+    assert eat.EAT.STEP_SIZE == 0 and eat.EAT.BETA == 0.5
+    for key in ("SOLVER.MAX_EPOCH", "SOLVER.BASE_LR", "SOLVER.IMS_PER_BATCH", "TEST.METRIC"):
+        section, name = key.split(".")
+        assert eat[section][name] == single[section][name], key
+
+
+def test_missing_member_weights_stop_the_run_before_anything_is_built(tmp_path):
+    from robustreid.engine import WeightsNotFoundError, check_weights
+
+    cfg = make_tiny_cfg(tmp_path, *EAT, "EAT.MEMBER_WEIGHTS", str(tmp_path / "nope.pth"))
+    with pytest.raises(WeightsNotFoundError, match="EAT.MEMBER_WEIGHTS file not found"):
+        check_weights(cfg)
