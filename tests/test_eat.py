@@ -337,6 +337,7 @@ def test_member_weights_start_every_member_from_one_checkpoint(tmp_path, ensembl
     (("EAT.DISTANCE", "l1"), "EAT.DISTANCE"),
     (("ROBUSTREID.SEED", "-1"), "ROBUSTREID.SEED"),
     (("ADV_TRAIN.ENABLED", "True"), "ADV_TRAIN.ENABLED"),
+    (("MODEL.NOISE.ENABLED", "True", "MODEL.NOISE.BLOCKS", "('layer1',)"), "MODEL.NOISE.ENABLED"),
     (("MODEL.META_ARCHITECTURE", "RobustBaseline"), "MODEL.META_ARCHITECTURE"),
     (("EAT.ENABLED", "False"), "EAT.ENABLED"),
 ])

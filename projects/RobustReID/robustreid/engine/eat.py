@@ -128,6 +128,9 @@ def check_eat_config(cfg):
     check_ensemble_config(cfg)
     if cfg.ADV_TRAIN.ENABLED:
         raise ConfigError("EAT.ENABLED crafts its own adversarial rows: set ADV_TRAIN.ENABLED False")
+    if cfg.MODEL.NOISE.ENABLED:
+        raise ConfigError("MODEL.NOISE.ENABLED attaches to one model's backbone, not to "
+                          "EnsembleReID's members: set it False with EAT.ENABLED")
     checks = (("EPS", eps_from_255), ("STEPS", lambda v: positive_int(v, "steps")),
               ("STEP_SIZE", lambda v: v == 0 or step_from_255(v)),
               ("DISTANCE", lambda v: check_choice(v, DISTANCES, "distance")))
