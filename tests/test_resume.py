@@ -36,6 +36,11 @@ DG = ("DATASETS.NAMES", "('SynthReIDTiny_D0', 'SynthReIDTiny_D1')",
       "DATALOADER.NUM_WORKERS", "1", "DG.BAU.ENABLED", "True", "DG.ADIN.ENABLED", "True",
       "DG.ADIN.SCHEDULE.NUISANCE_PRETRAIN_ITERS", "3", "DG.ADIN.SCHEDULE.VAL_PERIOD", "3")
 
+# EAT: two members, each on its data parts (every member and its optimizer moments must come back),
+# and the random starts of the self-transferring attack.
+EAT = ("MODEL.META_ARCHITECTURE", "EnsembleReID", "EAT.ENABLED", "True", "EAT.MEMBERS", "2",
+       "EAT.STEPS", "1")
+
 
 class StopInEpoch(HookBase):
     """Raises ``error`` (Ctrl-C by default) after the first step of ``epoch``."""
@@ -78,7 +83,8 @@ def assert_identical(a, b, where="checkpoint"):
         assert a == b, (where, a, b)
 
 
-@pytest.mark.parametrize("opts", [(), ROBUST, DG], ids=["bagtricks", "dddefense", "bau_adin"])
+@pytest.mark.parametrize("opts", [(), ROBUST, DG, EAT],
+                         ids=["bagtricks", "dddefense", "bau_adin", "eat"])
 def test_resumed_run_ends_with_the_uninterrupted_runs_checkpoint(opts, tmp_path, datasets_root):
     # Checkpoints only at the end: the stopped run must write its last epoch boundary itself.
     opts = (*COMMON, "SOLVER.CHECKPOINT_PERIOD", "5", *opts)
@@ -104,6 +110,9 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_checkpoint(opts, tmp_path,
     if "DG.ADIN.ENABLED" in opts:
         assert final[0]["nuisance_schedule"]["stage"] != "pretrain"
         assert {"nuisance_head", "nuisance_optimizer", "nuisance_scheduler"} <= set(final[0])
+    if "EAT.ENABLED" in opts:
+        members = {key.split(".")[1] for key in final[0]["model"] if key.startswith("members.")}
+        assert members == {"0", "1"}
     assert_identical(final[0], final[1])
 
 

@@ -152,6 +152,36 @@ def add_robustreid_config(cfg):
     cfg.META_LEARNING.INNER_LR = 0.0        # alpha of eq. 9; 0 = the current learning rate
     cfg.META_LEARNING.FIRST_ORDER = False   # True drops the second-order term (faster)
 
+    # EAT, ensemble adversarial training (Ke et al., "Towards Adversarially Robust Deep Metric
+    # Learning": Algorithm 1, eq. 9-10): MODEL.META_ARCHITECTURE EnsembleReID
+    # (modeling/meta_arch/ensemble.py) + the batch phase of engine/eat.py.
+    cfg.EAT = CN()
+    cfg.EAT.ENABLED = False
+    cfg.EAT.MEMBERS = 3                       # N models (Algorithm 1's input; Table 3: three)
+    # Each member is this registered meta-architecture built from this config (any backbone); the
+    # paper's members all start from the same ImageNet weights, so only random inits differ.
+    cfg.EAT.MEMBER_ARCHITECTURE = "RobustBaseline"
+    # A checkpoint of one MEMBER_ARCHITECTURE model every member starts from in a new run (as the
+    # paper's members start from one set of pretrained weights); "" = none.
+    cfg.EAT.MEMBER_WEIGHTS = ""
+    # Member i trains on D \ D^i of N equal seeded parts (Algorithm 1 lines 2, 5); False = all on D
+    # (Table 3's "EAT w/o data split").
+    cfg.EAT.DATA_SPLIT = True
+    # Adversarial rows crafted on the summed gradient of all members (eq. 10); False = each member's
+    # own PGD, i.e. independently adversarially-trained members (with DATA_SPLIT False: Table 3's
+    # "naive ensemble").
+    cfg.EAT.SELF_TRANSFER = True
+    cfg.EAT.BETA = 0.5            # mixed ratio beta of Algorithm 1 line 9; the paper gives no value
+    cfg.EAT.EPS = 16.0            # training PGD budget in 1/255 units ("Implementation Details")
+    cfg.EAT.STEPS = 10            # training PGD iterations ("Implementation Details")
+    # PGD step in 1/255 units; the paper gives none: 0 = Madry et al.'s 2.5 * EPS / STEPS.
+    cfg.EAT.STEP_SIZE = 0.0
+    cfg.EAT.DISTANCE = "euclidean"  # L of eq. 10 on L2-normalised embeddings, or "cosine"
+    # Retrieval embedding ("Model inference"): "vote" (the paper's; the model outputs the N
+    # L2-normalised member embeddings concatenated, the clustering evaluator votes over them),
+    # "mean" (their mean) or "concat".
+    cfg.EAT.INFERENCE = "vote"
+
     # Keys that live beside the parts they configure.
     from .data.balancing.config import add_balancing_config
     from .modeling.backbones.apnet import add_apnet_config

@@ -33,6 +33,7 @@ from ..modeling.noise import attach_noise_modules, noise_averaged
 from .checkpoint import (RobustCheckpointer, WeightsNotFoundError, check_epochs_left,
                          check_weights_fit)
 from .dg_steps import build_dg_hooks, build_nuisance_adversary, steps_may_leave_parameters_unused
+from .eat import build_eat_phases, load_member_weights
 from .hooks import EpochBoundary, StepSchedulerEachEpoch, SyncBufferStats
 from .model_selection import BestMetricCheckpoint
 from .mpsnn import MpsnnObjective, build_mpsnn_phases, check_mpsnn_config, excluding_noise_scales
@@ -136,6 +137,9 @@ def check_weights(cfg, eval_only=False):
     path = cfg.MODEL.BACKBONE.PRETRAIN_PATH
     if cfg.MODEL.BACKBONE.PRETRAIN and path and not os.path.isfile(path):
         raise WeightsNotFoundError(f"MODEL.BACKBONE.PRETRAIN_PATH file not found: {path}")
+    if not eval_only and cfg.EAT.ENABLED and cfg.EAT.MEMBER_WEIGHTS and \
+            not os.path.isfile(cfg.EAT.MEMBER_WEIGHTS):
+        raise WeightsNotFoundError(f"EAT.MEMBER_WEIGHTS file not found: {cfg.EAT.MEMBER_WEIGHTS}")
     if not eval_only:  # evaluation loads MODEL.WEIGHTS over a model built without them
         check_pretrain_download(cfg)
 
@@ -236,7 +240,9 @@ class RobustTrainer(DefaultTrainer):
             self.objective = TrainingObjective.from_config(cfg, device)
             self.objective.nuisance = build_nuisance_adversary(cfg, data_loader.dataset, device)
         self._trainer = PhasedTrainer(model, data_loader, optimizer, param_wrapper,
-                                      build_batch_phases(cfg) + build_mpsnn_phases(cfg),
+                                      build_batch_phases(cfg) +
+                                      build_eat_phases(cfg, data_loader.dataset.img_items) +
+                                      build_mpsnn_phases(cfg),
                                       self.objective, grad_scaler)
         self.best_robust = BestMetricCheckpoint(cfg.TEST.ROBUST.BEST_METRIC)
 
@@ -296,6 +302,9 @@ class RobustTrainer(DefaultTrainer):
         if resume:
             logger.info("--resume: %s holds no checkpoint (no last_checkpoint file): a new run "
                         "starts", self.cfg.OUTPUT_DIR)
+        if self.cfg.EAT.ENABLED and self.cfg.EAT.MEMBER_WEIGHTS:  # under MODEL.WEIGHTS, if any
+            load_member_weights(self.model, self.cfg.EAT.MEMBER_WEIGHTS,
+                                self.cfg.ROBUSTREID.WEIGHTS_ONLY)
         self.checkpointer.load(self.cfg.MODEL.WEIGHTS, checkpointables=[])
 
     def train(self):

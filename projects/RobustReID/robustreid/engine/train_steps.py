@@ -12,6 +12,8 @@ ADV_TRAIN.ENABLED                 MetricAdversarialBatch (Metric AT; Adv_train; 
 ADV_TRAIN.FNES.ENABLED            FNES images and soft labels in that phase (eq. 4)
 ADV_TRAIN.DISCRIMINATOR.ENABLED   FeatureAdversary: D update + the encoder's L_E (eq. 6-8)
 META_LEARNING.ENABLED             self-meta learning: the objective becomes eq. 13
+EAT.ENABLED                       EnsembleAdversarialBatch (engine/eat.py): EAT, eq. 10; the
+                                  EnsembleReID model's losses are Algorithm 1 line 9
 ================================  ===============================================================
 
 With every switch off the step is fastreid's, bit for bit.
@@ -30,6 +32,7 @@ from ..modeling.losses.soft_labels import smooth_labels
 from ..parallel import unwrap
 from .adversarial_learning import FeatureAdversary
 from .distributed import mean_across_ranks
+from .eat import check_eat_config
 from .fnes import FnesSettings, fnes_images, fnes_labels, sample_omega
 from .meta_step import meta_losses, split_by_identity, subset
 
@@ -221,6 +224,7 @@ def check_training_config(cfg):
         raise ConfigError(f"META_LEARNING.TEST_FRACTION must be in (0, 1), got "
                           f"{cfg.META_LEARNING.TEST_FRACTION}")
     check_dg_config(cfg)
+    check_eat_config(cfg)
 
 
 class PhasedTrainer(SimpleTrainer):

@@ -1,3 +1,4 @@
+from .ensemble import EnsembleReID
 from .robust_baseline import RobustBaseline
 
-__all__ = ["RobustBaseline"]
+__all__ = ["EnsembleReID", "RobustBaseline"]
