@@ -210,6 +210,22 @@ def test_a_missing_release_is_named_by_preflight(tmp_path, datasets_root):
         check_datasets((), ("SOP",), verify=False)
 
 
+def test_train_net_stops_on_a_malformed_release_with_one_error_line(tmp_path, monkeypatch, capsys):
+    import fastreid.data.build as data_build
+    from test_preflight import CONFIG, TINY_OPTS, error_lines, load_tool
+
+    root = tmp_path / "datasets"
+    dml_fixtures.write_cub200(str(root))
+    _edit_line(f"{root}/{CUB}/images.txt", 2, "two 001.Bird_1/x.jpg")
+    monkeypatch.setattr(data_build, "_root", str(root))
+    argv = ["--config-file", CONFIG, *TINY_OPTS, "OUTPUT_DIR", str(tmp_path / "out"),
+            "DATASETS.NAMES", "('CUB200',)", "DATASETS.TESTS", "('CUB200',)"]
+    assert load_tool("train_net").cli(argv) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: dataset 'CUB200' cannot be read under root '{root}' (set $FASTREID_DATASETS): "
+        f"{root}/{CUB}/images.txt line 2: image_id 'two' is not an integer"]
+
+
 def test_fastreids_train_loader_draws_relabelled_cub_batches(tmp_path, datasets_root):
     from robustreid.engine import RobustTrainer
 
