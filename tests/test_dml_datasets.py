@@ -201,7 +201,8 @@ def test_malformed_release_is_one_error_naming_the_file_and_line(case, tmp_path)
     assert "\n" not in text
     assert re.search(re.escape(f"dataset {name!r} cannot be read under root {str(tmp_path)!r}"),
                      text), text
-    assert re.search(re.escape(os.path.join(str(tmp_path), at_fault)) + r":? " + message, text), text
+    at_fault = re.escape(os.path.join(str(tmp_path), at_fault))
+    assert re.search(at_fault + r":? " + message, text), text
 
 
 def test_a_missing_release_is_named_by_preflight(tmp_path, datasets_root):

@@ -122,7 +122,8 @@ def write_inshop(root: str, num_train_items: int = 3, num_test_items: int = 3,
     Counts are for ``InShop`` (official query / gallery); ``InShopQuery``'s gallery is its query.
     """
     if imgs_per_item < 2:
-        raise ValueError("imgs_per_item must be >= 2 (a test item needs a query and a gallery image)")
+        raise ValueError("imgs_per_item must be >= 2 (a test item needs a query and a gallery "
+                         "image)")
     base = osp.join(root, "InShop")
     parts = {"train": [], "query": [], "gallery": []}
     entries = []
