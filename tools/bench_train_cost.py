@@ -47,16 +47,29 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def build_trainer(args, variant_opts, output_dir):
+def build_steps(config_file, variants, opts=()):
+    """{name: the training step (PhasedTrainer) of a RobustTrainer of ``config_file`` + ``opts`` +
+    the variant's switches}, every step fed one fixed batch, the first variant's first training
+    batch; returns (steps, batch, the last variant's config). Shared with tools/bench_eat.py."""
+    import tempfile
+
     from robustreid.config import load_config
     from robustreid.engine import RobustTrainer, resolve_device
 
-    opts = ["MODEL.BACKBONE.PRETRAIN", "False", "ADV_TRAIN.STEPS", str(args.steps),
-            "META_LEARNING.FIRST_ORDER", str(args.first_order), "OUTPUT_DIR", output_dir,
-            "DATALOADER.NUM_WORKERS", "0", *variant_opts, *args.opts]
-    cfg = resolve_device(load_config(args.config_file, opts))
-    torch.manual_seed(0)
-    return RobustTrainer(cfg), cfg
+    steps, batch, cfg = {}, None, None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, variant_opts in variants.items():
+            cfg = resolve_device(load_config(config_file, [
+                "MODEL.BACKBONE.PRETRAIN", "False", "OUTPUT_DIR", os.path.join(tmp, name),
+                "DATALOADER.NUM_WORKERS", "0", *variant_opts, *opts]))
+            torch.manual_seed(0)
+            trainer = RobustTrainer(cfg)
+            if batch is None:
+                batch = next(iter(trainer.data_loader))
+            step = trainer._trainer
+            step._data_loader_iter = fixed_batches(batch)
+            steps[name] = step
+    return steps, batch, cfg
 
 
 def fixed_batches(batch):
@@ -65,23 +78,12 @@ def fixed_batches(batch):
         yield {**batch, "images": batch["images"].clone()}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    import tempfile
-
-    import robustreid  # noqa: F401  (compat patches before fastreid/advertorch are used)
+def median_step_times(steps, repeats):
+    """{name: median seconds of one ``run_step``} over ``repeats`` rounds interleaved across the
+    steps (robust to a shared machine), after one warm-up step each; prints each round."""
     from fastreid.utils.events import EventStorage
 
-    steps, batch, cfg = {}, None, None
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, opts in VARIANTS.items():
-            trainer, cfg = build_trainer(args, opts, os.path.join(tmp, name))
-            if batch is None:
-                batch = next(iter(trainer.data_loader))
-            step = trainer._trainer
-            step._data_loader_iter = fixed_batches(batch)
-            steps[name] = step
-    device = next(steps["vanilla"].model.parameters()).device
+    device = next(next(iter(steps.values())).model.parameters()).device
 
     def run(step):
         if device.type == "cuda":
@@ -96,12 +98,23 @@ def main(argv=None):
     with EventStorage(0):
         for step in steps.values():  # warm-up
             run(step)
-        for round_ in range(args.repeats):
+        for round_ in range(repeats):
             for name, step in steps.items():
                 times[name].append(run(step))
-            print(f"round {round_ + 1}/{args.repeats}: "
+            print(f"round {round_ + 1}/{repeats}: "
                   + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()), flush=True)
-    median = {name: statistics.median(values) for name, values in times.items()}
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import robustreid  # noqa: F401  (compat patches before fastreid/advertorch are used)
+
+    steps, batch, cfg = build_steps(args.config_file, VARIANTS, [
+        "ADV_TRAIN.STEPS", str(args.steps), "META_LEARNING.FIRST_ORDER", str(args.first_order),
+        *args.opts])
+    median = median_step_times(steps, args.repeats)
+    device = next(steps["vanilla"].model.parameters()).device
     height, width = cfg.INPUT.SIZE_TRAIN
     print(f"model: {cfg.MODEL.BACKBONE.NAME} depth {cfg.MODEL.BACKBONE.DEPTH} on {device} "
           f"({torch.get_num_threads()} threads), batch {len(batch['images'])}x3x{height}x{width}, "

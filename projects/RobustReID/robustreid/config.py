@@ -182,6 +182,29 @@ def add_robustreid_config(cfg):
     # "mean" (their mean) or "concat".
     cfg.EAT.INFERENCE = "vote"
 
+    # The classification defenses EAT compares with (Tables 1-4), in their DML form ("Previous
+    # Defenses": the label of x is its embedding F(x) under the current model), on one model
+    # (engine/dml_defenses.py). F(x) is the model's retrieval embedding, d the distance below.
+    cfg.DML_DEFENSE = CN()
+    # "" (off), "at" (eq. 4-5), "mixup" (eq. 6), "iat" (eq. 7) or "trades" (eq. 8).
+    cfg.DML_DEFENSE.METHOD = ""
+    # Adv(x) of at, iat and trades: EAT's training PGD on one model, SMA (maximise d(F(x_adv), F(x))
+    # from a random start), EPS/255, STEPS iterations, step STEP_SIZE/255 (0 = 2.5 * EPS / STEPS).
+    cfg.DML_DEFENSE.EPS = 16.0
+    cfg.DML_DEFENSE.STEPS = 10
+    cfg.DML_DEFENSE.STEP_SIZE = 0.0
+    # d of the attack and of the embedding-target terms: "cosine" (for unit embeddings half EAT's
+    # squared Euclidean distance, same attack direction) or "euclidean" (squared L2, raw embedding).
+    cfg.DML_DEFENSE.DISTANCE = "cosine"
+    # The model's own losses (L_metric with identity labels) on the clean rows too ("PAL + X" of the
+    # tables); False = eq. 4, 6, 7 as written (adversarial / mixed rows only). trades needs True
+    # (eq. 8's first term).
+    cfg.DML_DEFENSE.INCLUDE_CLEAN = True
+    # lambda ~ Beta(ALPHA, ALPHA) of eq. 6-7 (mixup's reference code: alpha 1; EAT gives none).
+    cfg.DML_DEFENSE.ALPHA = 1.0
+    # lambda of eq. 8, the weight of d(F(Adv(x)), F(x)) (TRADES's beta = 1/lambda default, 6.0).
+    cfg.DML_DEFENSE.LAMBDA = 6.0
+
     # Keys that live beside the parts they configure.
     from .data.balancing.config import add_balancing_config
     from .modeling.backbones.apnet import add_apnet_config

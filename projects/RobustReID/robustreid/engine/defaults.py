@@ -33,6 +33,8 @@ from ..modeling.noise import attach_noise_modules, noise_averaged
 from .checkpoint import (RobustCheckpointer, WeightsNotFoundError, check_epochs_left,
                          check_weights_fit)
 from .dg_steps import build_dg_hooks, build_nuisance_adversary, steps_may_leave_parameters_unused
+from .dml_defenses import (build_dml_defense_phases, build_dml_defense_terms,
+                           check_dml_defense_config, leaves_parameters_unused)
 from .eat import build_eat_phases, load_member_weights
 from .hooks import EpochBoundary, StepSchedulerEachEpoch, SyncBufferStats
 from .model_selection import BestMetricCheckpoint
@@ -173,6 +175,7 @@ def preflight(cfg, eval_only=False, world_size=1):
         check_clustering_config(cfg)
     if not eval_only:
         check_training_config(cfg)
+        check_dml_defense_config(cfg)
         check_mpsnn_config(cfg)
         check_proxy_anchor_config(cfg)
         check_train_batches(cfg, training_items(cfg), world_size)
@@ -212,6 +215,7 @@ class RobustTrainer(DefaultTrainer):
     def __init__(self, cfg):
         TrainerBase.__init__(self)
         check_training_config(cfg)
+        check_dml_defense_config(cfg)
         check_mpsnn_config(cfg)
         check_proxy_anchor_config(cfg)
         if comm.is_main_process() and cfg.OUTPUT_DIR:
@@ -230,7 +234,7 @@ class RobustTrainer(DefaultTrainer):
                 broadcast_buffers=False,
                 # the Proxy-Anchor warm-up leaves the backbone without gradients
                 find_unused_parameters=steps_may_leave_parameters_unused(cfg) or
-                warmup_epochs(cfg) > 0)
+                leaves_parameters_unused(cfg) or warmup_epochs(cfg) > 0)
 
         grad_scaler = torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP.ENABLED else None
         if cfg.MPSNN.ENABLED:  # the stochastic network's own objective (thesis Algorithms 2-3)
@@ -239,9 +243,11 @@ class RobustTrainer(DefaultTrainer):
             device = next(model.parameters()).device
             self.objective = TrainingObjective.from_config(cfg, device)
             self.objective.nuisance = build_nuisance_adversary(cfg, data_loader.dataset, device)
+            self.objective.defense = build_dml_defense_terms(cfg)
         self._trainer = PhasedTrainer(model, data_loader, optimizer, param_wrapper,
                                       build_batch_phases(cfg) +
                                       build_eat_phases(cfg, data_loader.dataset.img_items) +
+                                      build_dml_defense_phases(cfg) +
                                       build_mpsnn_phases(cfg),
                                       self.objective, grad_scaler)
         self.best_robust = BestMetricCheckpoint(cfg.TEST.ROBUST.BEST_METRIC)

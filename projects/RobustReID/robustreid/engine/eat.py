@@ -113,6 +113,19 @@ def build_eat_phases(cfg, train_items):
     return [EnsembleAdversarialBatch.from_config(cfg, train_items)] if cfg.EAT.ENABLED else []
 
 
+def check_training_pgd(node, section):
+    """The training PGD keys EPS, STEPS, STEP_SIZE and DISTANCE of config block ``node`` (named
+    ``section``), as ConfigErrors naming key and value."""
+    checks = (("EPS", eps_from_255), ("STEPS", lambda v: positive_int(v, "steps")),
+              ("STEP_SIZE", lambda v: v == 0 or step_from_255(v)),
+              ("DISTANCE", lambda v: check_choice(v, DISTANCES, "distance")))
+    for key, check in checks:
+        try:
+            check(node[key])
+        except AttackConfigError as e:
+            raise ConfigError(f"{section}.{key} {node[key]!r}: {e}") from None
+
+
 def check_eat_config(cfg):
     """EAT's keys and switch combinations, as ConfigErrors naming key and value."""
     eat = cfg.EAT
@@ -131,14 +144,7 @@ def check_eat_config(cfg):
     if cfg.MODEL.NOISE.ENABLED:
         raise ConfigError("MODEL.NOISE.ENABLED attaches to one model's backbone, not to "
                           "EnsembleReID's members: set it False with EAT.ENABLED")
-    checks = (("EPS", eps_from_255), ("STEPS", lambda v: positive_int(v, "steps")),
-              ("STEP_SIZE", lambda v: v == 0 or step_from_255(v)),
-              ("DISTANCE", lambda v: check_choice(v, DISTANCES, "distance")))
-    for key, check in checks:
-        try:
-            check(eat[key])
-        except AttackConfigError as e:
-            raise ConfigError(f"EAT.{key} {eat[key]!r}: {e}") from None
+    check_training_pgd(eat, "EAT")
     if eat.DATA_SPLIT and cfg.ROBUSTREID.SEED < 0:
         raise ConfigError("EAT.DATA_SPLIT needs ROBUSTREID.SEED >= 0: the split must be the same "
                           f"when a run resumes, got ROBUSTREID.SEED {cfg.ROBUSTREID.SEED}")

@@ -14,6 +14,9 @@ ADV_TRAIN.DISCRIMINATOR.ENABLED   FeatureAdversary: D update + the encoder's L_E
 META_LEARNING.ENABLED             self-meta learning: the objective becomes eq. 13
 EAT.ENABLED                       EnsembleAdversarialBatch (engine/eat.py): EAT, eq. 10; the
                                   EnsembleReID model's losses are Algorithm 1 line 9
+DML_DEFENSE.METHOD                EAT's baselines in DML form (engine/dml_defenses.py): AT's
+                                  MetricAdversarialBatch, MixUpBatch, and the objective's
+                                  embedding-target terms (mix-up, IAT, TRADES)
 ================================  ===============================================================
 
 With every switch off the step is fastreid's, bit for bit.
@@ -134,9 +137,11 @@ class TrainingObjective:
     """
 
     def __init__(self, adversary=None, meta_test_fraction=None, inner_lr=0.0, first_order=False,
-                 nuisance=None):
+                 nuisance=None, defense=None):
         self.adversary = adversary
         self.nuisance = nuisance  # ADIN's nuisance classifier (engine/dg_steps.NuisanceAdversary)
+        # a DML defense's embedding-target terms (engine/dml_defenses.EmbeddingTargetTerms)
+        self.defense = defense
         self.meta_test_fraction = meta_test_fraction
         self.inner_lr = inner_lr
         self.first_order = first_order
@@ -156,7 +161,8 @@ class TrainingObjective:
 
     @property
     def is_plain(self):
-        return self.adversary is None and self.meta_test_fraction is None and self.nuisance is None
+        return self.adversary is None and self.meta_test_fraction is None and \
+            self.nuisance is None and self.defense is None
 
     def checkpointables(self):
         parts = {}
@@ -169,7 +175,11 @@ class TrainingObjective:
         if self.is_plain:
             return model(data)
         if self.meta_test_fraction is None:
+            if self.defense is not None:
+                data = {**data, "loss_rows": self.defense.loss_rows(data)}
             losses, outputs = model(data, return_outputs=True)
+            if self.defense is not None:
+                losses.update(self.defense(outputs, data))
             return self._with_adversaries(losses, outputs, data, update=True)
         module = unwrap(model)
         test_rows = split_by_identity(data["targets"], self.meta_test_fraction)

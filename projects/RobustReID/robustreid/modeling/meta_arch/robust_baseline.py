@@ -22,6 +22,9 @@ Additions, all inert for a plain batch with every switch off (same losses as Bas
   robustreid.engine.dg_steps.PrototypeMemoryInit), and with adversarial rows
   ``loss_bau_adv_uniform`` / ``loss_bau_adv_align``. The memory is updated with the original view's
   features after the losses (eq. 7).
+* ``batched_inputs["loss_rows"]`` (B,) bool, when present: the losses read these rows only (none:
+  no losses); every row is forwarded (in one batch) and returned in the outputs. The DML defenses
+  (robustreid.engine.dml_defenses) train the other rows on their embeddings alone.
 * ``"ProxyAnchorLoss"`` in MODEL.LOSSES.NAME: ``loss_proxy_anchor`` on ``outputs["features"]``, the
   Proxy-Anchor loss of the module ``proxy_anchor`` (its proxies are model parameters;
   robustreid.modeling.losses.proxy_anchor).
@@ -144,7 +147,11 @@ class RobustBaseline(Baseline):
         if strong is not None:
             outputs = {key: value[:num_rows] for key, value in outputs.items()}
         is_adv = batched_inputs.get("is_adversarial")
-        if self.separate_adv_losses and is_adv is not None and 0 < int(is_adv.sum()) < len(is_adv):
+        loss_rows = batched_inputs.get("loss_rows")
+        if loss_rows is not None:  # the other rows are forwarded for their outputs only
+            losses = self.losses({key: value[loss_rows] for key, value in outputs.items()},
+                                 targets[loss_rows]) if bool(loss_rows.any()) else {}
+        elif self.separate_adv_losses and is_adv is not None and 0 < int(is_adv.sum()) < len(is_adv):
             losses = self._clean_plus_adversarial_losses(outputs, targets,
                                                          batched_inputs.get("soft_targets"), is_adv)
         else:
