@@ -275,14 +275,14 @@ def test_train_net_reports_a_bad_method_in_one_line(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_baseline_configs_share_at_singles_schedule_and_eats_training_attack():
+def test_baseline_configs_share_at_r18s_schedule_and_eats_training_attack():
     from robustreid.config import load_config
     from robustreid.engine.dml_defenses import check_dml_defense_config
     from robustreid.engine.eat import default_step_size
     from robustreid.engine.train_steps import check_training_config
 
     eat = load_config(os.path.join(CONFIGS, "eat_R18.yml"))
-    single = load_config(os.path.join(CONFIGS, "at_single_R18.yml"))
+    single = load_config(os.path.join(CONFIGS, "at_R18.yml"))
     for method in ("at", "mixup", "iat", "trades"):
         cfg = load_config(os.path.join(CONFIGS, f"{method}_R18.yml"))
         check_training_config(cfg)
@@ -291,7 +291,7 @@ def test_baseline_configs_share_at_singles_schedule_and_eats_training_attack():
         assert d.METHOD == method and d.INCLUDE_CLEAN and cfg.OUTPUT_DIR.endswith(f"{method}_R18")
         assert (d.EPS, d.STEPS) == (eat.EAT.EPS, eat.EAT.STEPS) == (16, 10)
         assert (d.STEP_SIZE or default_step_size(d.EPS, d.STEPS)) == 4
-        assert d.DISTANCE == single.ADV_TRAIN.DISTANCE == "cosine"
+        assert d.DISTANCE == single.DML_DEFENSE.DISTANCE == "cosine"
         assert (d.ALPHA, d.LAMBDA) == (1.0, 6.0)
         for key in ("SOLVER.MAX_EPOCH", "SOLVER.BASE_LR", "SOLVER.IMS_PER_BATCH", "SOLVER.STEPS",
                     "SOLVER.WARMUP_ITERS", "TEST.METRIC", "TEST.EVAL_PERIOD", "INPUT.SIZE_TRAIN",

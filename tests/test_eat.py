@@ -375,14 +375,16 @@ def test_configs_pair_eat_with_single_model_at_under_the_same_training_attack():
 
     configs = os.path.join(REPO, "configs", "SynthReID")
     eat = load_config(os.path.join(configs, "eat_R18.yml"))
-    single = load_config(os.path.join(configs, "at_single_R18.yml"))
+    single = load_config(os.path.join(configs, "at_R18.yml"))
     for cfg in (eat, single):
         check_training_config(cfg)
     assert eat.EAT.ENABLED and eat.EAT.MEMBERS == 3 and eat.EAT.SELF_TRANSFER and \
         eat.EAT.DATA_SPLIT
-    assert single.ADV_TRAIN.ATTACK == "SMA" and single.ADV_TRAIN.INCLUDE_CLEAN
-    assert (single.ADV_TRAIN.EPS, single.ADV_TRAIN.STEPS) == (eat.EAT.EPS, eat.EAT.STEPS) == (16, 10)
-    assert single.ADV_TRAIN.STEP_SIZE == default_step_size(eat.EAT.EPS, eat.EAT.STEPS) == 4
+    assert single.DML_DEFENSE.METHOD == "at" and single.DML_DEFENSE.INCLUDE_CLEAN
+    assert (single.DML_DEFENSE.EPS, single.DML_DEFENSE.STEPS) == (eat.EAT.EPS, eat.EAT.STEPS) == \
+        (16, 10)
+    assert single.DML_DEFENSE.STEP_SIZE == eat.EAT.STEP_SIZE == 0  # both 2.5 * eps / steps
+    assert default_step_size(eat.EAT.EPS, eat.EAT.STEPS) == 4
     assert eat.EAT.STEP_SIZE == 0 and eat.EAT.BETA == 0.5
     for key in ("SOLVER.MAX_EPOCH", "SOLVER.BASE_LR", "SOLVER.IMS_PER_BATCH", "TEST.METRIC"):
         section, name = key.split(".")
