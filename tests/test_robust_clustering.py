@@ -286,6 +286,10 @@ def test_cli_writes_the_papers_rows_with_ers(weights, tmp_path, capsys):
             f"{clean['R@1']:.2f} | {clean['R@2']:.2f} |  |") in table
     assert f"ERS-style SynthReIDTiny PGD-2 8/255: {cell['ERS']:.2f}" in table
     assert "| PGD-2 8/255 |" in capsys.readouterr().out
+    # what tools/evidence.py aggregates of it
+    assert load_tool("evidence").run_metrics(report) == {
+        **{f"Clean {m}": clean[m] for m in d["metrics"]},
+        **{f"PGD-2 8/255 {m}": cell[m] for m in [*d["metrics"], "ERS"]}}
 
 
 @pytest.mark.parametrize("args, message", [
