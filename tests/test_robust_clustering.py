@@ -301,6 +301,8 @@ def test_cli_writes_the_papers_rows_with_ers(weights, tmp_path, capsys):
     (["--protocol", "clustering", "--eps", "0.03"], "0.03"),
     (["--protocol", "clustering", "--steps", "0"], "error: --steps"),
     (["--protocol", "clustering", "--max-queries", "-1"], "error: --max-queries must be >= 0"),
+    (["--protocol", "clustering", "--max-queries", "2"], "error: SynthReIDTiny: 2 test samples "
+     "(--max-queries 2) are too few for Recall@2 (TEST.CLUSTERING.RECALL_KS)"),
     (["--protocol", "ranking"], "error: argument --protocol: invalid choice: 'ranking'"),
 ])
 def test_cli_bad_clustering_options_are_one_error_line(args, message, weights, tmp_path, capsys):

@@ -59,7 +59,8 @@ from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_re
                                           robust_markdown, sanity_checks, write_report)
 from robustreid.evaluation.robust_clustering import (ATTACK as CLUSTERING_ATTACK,
                                                      ClusteringRobustEvaluator, PGDCell,
-                                                     clustering_markdown, write_clustering_report)
+                                                     check_sample_counts, clustering_markdown,
+                                                     write_clustering_report)
 
 OPTION_NAMES = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
                 "distance": "--distance", "eot": "--eot", "options": "--attack-option",
@@ -198,6 +199,7 @@ def check_inputs(ns):
     preflight(cfg, eval_only=True)  # weights file and fit, datasets, images
     if settings["protocol"] == "clustering":
         check_clustering_config(cfg)  # whatever TEST.EVALUATOR says
+        check_sample_counts(cfg, settings["max_queries"], max(cfg.ROBUSTREID.SEED, 0))
         return settings, cfg, None
     if settings["surrogate_config"]:
         surrogate_cfg = load_config(settings["surrogate_config"],

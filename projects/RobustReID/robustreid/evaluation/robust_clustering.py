@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..attacks import ReidFeatureExtractor, build_attack
+from ..config import ConfigError
 from ..data.validation import build_dataset
 from ..modeling.meta_arch.ensemble import EnsembleEmbedding, EnsembleReID
 from ..parallel import unwrap
@@ -90,6 +91,25 @@ def pooled_items(query, gallery):
     return items
 
 
+def clustering_samples(dataset_name, max_samples, seed):
+    """The evaluated set of ``dataset_name``: its pooled test items, or a seeded subset of
+    ``max_samples`` made of whole classes (0: all)."""
+    data = build_dataset(dataset_name)
+    return select_queries(pooled_items(data.query, data.gallery), max_samples, seed)
+
+
+def check_sample_counts(cfg, max_samples, seed, option="--max-queries"):
+    """ConfigError when a test set (or its subset, ``option``) is too small for the largest k of
+    TEST.CLUSTERING.RECALL_KS (Recall@k needs more than k samples)."""
+    k = max(cfg.TEST.CLUSTERING.RECALL_KS)
+    for name in cfg.DATASETS.TESTS:
+        count = len(clustering_samples(name, max_samples, seed))
+        if count <= k:
+            subset = f" ({option} {max_samples})" if max_samples else ""
+            raise ConfigError(f"{name}: {count} test samples{subset} are too few for Recall@{k} "
+                              f"(TEST.CLUSTERING.RECALL_KS): it needs more than {k}")
+
+
 def attack_extractor(model):
     """(extractor the attack differentiates, its name in reports) for ``model``: the model's eval
     output, or the mean member embedding of a voting EnsembleReID."""
@@ -120,8 +140,7 @@ class ClusteringRobustEvaluator:
         self.embedder = ReidFeatureExtractor(self.model, fold_bn=False)
         self.attack_extractor, self.attack_target = attack_extractor(self.model)
         self.device = next(self.model.parameters()).device
-        data = build_dataset(dataset_name)
-        self.items = select_queries(pooled_items(data.query, data.gallery), max_samples, self.seed)
+        self.items = clustering_samples(dataset_name, max_samples, self.seed)
         self.labels = np.array([item[1] for item in self.items], dtype=np.int64)
         self.clean = None
         self.clean_seconds = None
