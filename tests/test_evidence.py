@@ -243,6 +243,10 @@ def test_run_trained_with_another_config_is_refused(tool, fake_runs, tmp_path, d
     (["--method", f"a={BOT}", "--attacks", "NOPE"], "method a: --attacks: unknown attack(s) ['NOPE']"),
     (["--method", f"a={BOT}", "--attack-option", "FNA:nope=1"], "--attack-option: FNA"),
     (["--method", f"a={BOT}", "--max-queries", "4", "stray"], "unrecognized arguments: stray"),
+    (["--method", f"a={BOT}", "--protocol", "clustering", "--guides", "query"],
+     "method a: --guides applies to --protocol retrieval only"),
+    (["--method", f"a={BOT}", "--protocol", "clustering", "--attacks", "FNA"],
+     "method a: --attacks 'FNA': --protocol clustering runs PGD"),
     (["--spec", "/nonexistent.yml"], "--spec: file not found: /nonexistent.yml"),
 ])
 def test_bad_input_is_one_error_line(tool, fake_runs, tmp_path, datasets_root, capsys, args, message):
@@ -305,3 +309,56 @@ def test_tiny_end_to_end(tool, tmp_path, datasets_root, capsys):
     assert (tmp_path / "ev" / "bot" / "seed1" / "console.log").stat().st_size > 0
     assert tool.main(args) == 0
     assert capsys.readouterr().out.count("skipped (finished earlier)") == 2
+
+
+# --------------------------------------------------------------------------- clustering, EAT
+
+EAT = os.path.join(REPO, "configs", "SynthReID", "eat_R18.yml")
+
+
+def test_clustering_protocol_reaches_robust_eval_and_eat_fine_tunes_its_members(
+        tool, fake_runs, tmp_path, datasets_root, monkeypatch, capsys):
+    def evaluate(argv):  # robust_eval --protocol clustering's report (NMI, F1, R@k and ERS)
+        fake_runs["evaluate"].append(argv)
+        seed, method = int(opt(argv, "ROBUSTREID.SEED")), opt(argv, "OUTPUT_DIR").split(os.sep)[-2]
+        nmi = {"base": 20.0, "eat": 30.0 + seed}[method]
+        report = {"settings": tool.eval_settings(argv), "datasets": [{
+            "dataset": "SynthReIDTiny", "metrics": ["NMI", "F1", "R@1"],
+            "clean": {"NMI": 60.0, "F1": 20.0, "R@1": 50.0},
+            "cells": [{"label": "PGD-10 8/255", "NMI": nmi, "F1": 5.0, "R@1": 10.0,
+                       "ERS": 50.0 + seed}]}]}
+        os.makedirs(opt(argv, "--output"), exist_ok=True)
+        with open(os.path.join(opt(argv, "--output"), "results.json"), "w") as f:
+            json.dump(report, f)
+
+    monkeypatch.setattr(tool, "evaluate", evaluate)
+    args = ["--method", f"base={BOT}", "--method", f"eat={EAT}", "weights_from=base",
+            "--compare", "eat:base", "--seeds", "2", "--protocol", "clustering",
+            "--output", str(tmp_path / "ev"), *TINY[:8], "--max-queries", "20"]  # TINY's data
+    assert tool.main(args) == 0
+    capsys.readouterr()
+    evaluated = fake_runs["evaluate"][0]
+    assert [opt(evaluated, k) for k in ("--protocol", "--attacks", "--eps", "--steps",
+                                        "--max-queries")] == ["clustering", "SMA", "8", "10", "20"]
+    # the ensemble's members start from the single model of the same seed, MODEL.WEIGHTS unset
+    eat_seed1 = fake_runs["train"][3]
+    assert opt(eat_seed1, "EAT.MEMBER_WEIGHTS") == str(tmp_path / "ev" / "base" / "seed1" /
+                                                       "model_final.pth")
+    assert "MODEL.WEIGHTS" not in eat_seed1
+    assert "MODEL.WEIGHTS" not in fake_runs["train"][0]  # base trains from scratch
+
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert results["settings"]["protocol"] == "clustering"
+    assert (results["settings"]["attacks"], results["settings"]["steps"]) == (["SMA"], [10])
+    assert results["runs"][3]["metrics"] == {
+        "Clean NMI": 60.0, "Clean F1": 20.0, "Clean R@1": 50.0, "PGD-10 8/255 NMI": 31.0,
+        "PGD-10 8/255 F1": 5.0, "PGD-10 8/255 R@1": 10.0, "PGD-10 8/255 ERS": 51.0}
+    (nmi,) = [d for d in results["summary"]["differences"] if d["metric"] == "PGD-10 8/255 NMI"]
+    assert nmi["differences"] == [10.0, 11.0]
+    table = (tmp_path / "ev" / "results.md").read_text()
+    assert "NMI, F1 and Recall@k (%) in the clustering protocol" in table
+    assert "| eat − base | PGD-10 8/255 NMI | 2 | +10.50 |" in table
+    # done: a second call evaluates nothing; the retrieval protocol is another evaluation
+    assert tool.main(args) == 0 and len(fake_runs["evaluate"]) == 4
+    assert tool.main([a for a in args if a not in ("--protocol", "clustering")]) == 0
+    assert len(fake_runs["evaluate"]) == 8 and len(fake_runs["train"]) == 4

@@ -6,18 +6,21 @@ mean ± std per method and metric plus paired differences with confidence interv
     python tools/evidence.py --method undefended=configs/SynthReID/bagtricks_R18.yml \\
         --method metric_at=configs/SynthReID/demo_metric_at_R18.yml weights_from=undefended \\
         --compare metric_at:undefended [--dataset SynthReID] [--override KEY VALUE ...]
-        [--attacks FNA,SMA,IFGSM] [--eps 8] [--steps 16] [--ci t|bootstrap] [--level 0.95]
-        [--output logs/evidence] [any other tools/robust_eval.py option, e.g. --max-queries 50
-        --attack-option WMA:loss=fna]
+        [--protocol retrieval|clustering] [--attacks FNA,SMA,IFGSM] [--eps 8] [--steps 16]
+        [--ci t|bootstrap] [--level 0.95] [--output logs/evidence] [any other tools/robust_eval.py
+        option, e.g. --max-queries 50 --attack-option WMA:loss=fna]
 
 Methods: ``--method NAME=CONFIG [weights_from=OTHER] [KEY VALUE ...]`` (repeatable) and/or a YAML
 spec (``--spec``: ``methods: {NAME: {config: ..., weights_from: ..., overrides: {KEY: VALUE}}}``,
 ``compare: [A:B, ...]``; config paths relative to the spec file). ``weights_from=OTHER`` fine-tunes
-from OTHER's model of the same seed (MODEL.WEIGHTS). Each method runs with seeds 0..N-1
+from OTHER's model of the same seed (MODEL.WEIGHTS; for an EAT method, EAT.ENABLED, every ensemble
+member starts from it: EAT.MEMBER_WEIGHTS). Each method runs with seeds 0..N-1
 (ROBUSTREID.SEED) in OUTPUT/NAME/seedS: trained by tools/train_net.py's code path, then evaluated
 clean and under each attack by tools/robust_eval.py's (in OUTPUT/NAME/seedS/robust_eval). Overrides
 apply in this order: --dataset, the method's, --override, the seed. Options this tool does not
-know are handed to robust_eval unchanged.
+know are handed to robust_eval unchanged. ``--protocol clustering`` evaluates every model in
+robust_eval's clustering protocol (EAT: every test sample attacked by PGD, NMI, F1 and R@k; default
+attack SMA at 8/255 with 10 steps) and aggregates those metrics and their ERS-style summary.
 
 Resumable: a run whose robust_eval/results.json matches the requested evaluation is skipped, a
 trained run is only evaluated, a partly trained run continues from its last checkpoint (--resume).
@@ -58,7 +61,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MACHINE_KEYS = ("MODEL.DEVICE", "SOLVER.AMP.ENABLED")
 # 0 = "count the training identities"; fastreid rewrites config.yaml with the count.
 AUTO_CLASSES = "MODEL.HEADS.NUM_CLASSES"
-MEASURES = ("mAP", "Rank-1")
+MEASURES = ("mAP", "Rank-1")  # of the retrieval protocol; clustering reports list their own
+# --attacks/--eps/--steps when not given, per robust_eval protocol.
+ATTACK_DEFAULTS = {"retrieval": {"attacks": "FNA,SMA,IFGSM", "eps": "8", "steps": "16"},
+                   "clustering": robust_eval.PROTOCOL_DEFAULTS["clustering"]}
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # method names are directory names
 
 
@@ -89,10 +95,19 @@ class Run(NamedTuple):
         return os.path.join(self.out, "robust_eval")
 
     def train_opts(self):
-        return [*self.opts, *(["MODEL.WEIGHTS", final_weights(self.source)] if self.source else [])]
+        if not self.source:
+            return list(self.opts)
+        key = fine_tuning_key(self.method.config, self.opts)
+        return [*self.opts, key, final_weights(self.source)]
 
     def train_argv(self):
         return ["--config-file", self.method.config, *resume_flags(self.out), *self.train_opts()]
+
+
+def fine_tuning_key(config, opts):
+    """The key that starts a run from another method's model: EAT.MEMBER_WEIGHTS for an EAT
+    ensemble (every member starts from that single model), else MODEL.WEIGHTS."""
+    return "EAT.MEMBER_WEIGHTS" if load_config(config, opts).EAT.ENABLED else "MODEL.WEIGHTS"
 
 
 # --------------------------------------------------------------------------- command line
@@ -112,9 +127,11 @@ def build_parser():
     parser.add_argument("--override", action="append", nargs=2, default=[],
                         metavar=("KEY", "VALUE"),
                         help="config override for every run (repeatable)")
-    parser.add_argument("--attacks", default="FNA,SMA,IFGSM")
-    parser.add_argument("--eps", default="8", help="L-inf budgets in 1/255 units")
-    parser.add_argument("--steps", default="16", help="attack iterations")
+    parser.add_argument("--protocol", choices=robust_eval.PROTOCOLS, default="retrieval",
+                        help="robust_eval's protocol (clustering: every test sample attacked)")
+    parser.add_argument("--attacks", help="default FNA,SMA,IFGSM; clustering: SMA")
+    parser.add_argument("--eps", help="L-inf budgets in 1/255 units (default 8)")
+    parser.add_argument("--steps", help="attack iterations (default 16; clustering: 10)")
     parser.add_argument("--ci", choices=INTERVALS, default="t", help="paired-difference interval")
     parser.add_argument("--level", type=float, default=0.95, help="confidence level")
     parser.add_argument("--bootstrap-samples", type=int, default=10000)
@@ -237,8 +254,11 @@ def plan_runs(methods, ns):
 
 
 def eval_argv(run, ns, passthrough):
-    return ["--config-file", run.method.config, "--attacks", ns.attacks, "--eps", ns.eps,
-            "--steps", ns.steps, *passthrough, "--output", run.eval_dir, *run.opts,
+    attack = {key: getattr(ns, key) or ATTACK_DEFAULTS[ns.protocol][key]
+              for key in ("attacks", "eps", "steps")}
+    return ["--config-file", run.method.config, "--protocol", ns.protocol,
+            "--attacks", attack["attacks"], "--eps", attack["eps"], "--steps", attack["steps"],
+            *passthrough, "--output", run.eval_dir, *run.opts,
             "MODEL.WEIGHTS", final_weights(run.out)]
 
 
@@ -340,6 +360,7 @@ def evaluated(run, argv):
             recorded = json.load(f)["settings"]
     except (ValueError, KeyError):  # cut short while being written
         return False
+    recorded.setdefault("protocol", "retrieval")  # reports from before robust_eval's --protocol
     return all(recorded.get(k) == v for k, v in eval_settings(argv).items())
 
 
@@ -393,13 +414,15 @@ def execute(runs, ns, passthrough):
 # --------------------------------------------------------------------------- summary
 
 def run_metrics(report):
-    """{"Clean mAP": .., "Clean Rank-1": .., "FNA 8/255-16 mAP": .., ...} of a robust_eval report;
-    names start with the dataset when it evaluated several."""
+    """{"Clean mAP": .., "Clean Rank-1": .., "FNA 8/255-16 mAP": .., ...} of a robust_eval report
+    ("Clean NMI", ..., "PGD-10 8/255 R@1", "PGD-10 8/255 ERS" of a clustering one); names start
+    with the dataset when it evaluated several."""
     metrics = {}
     for d in report["datasets"]:
         prefix = f"{d['dataset']} " if len(report["datasets"]) > 1 else ""
         for setting, result in [("Clean", d["clean"])] + [(c["label"], c) for c in d["cells"]]:
-            for measure in MEASURES:
+            extra = ["ERS"] if result.get("ERS") is not None else []  # clustering's attacked rows
+            for measure in [*d.get("metrics", MEASURES), *extra]:
                 metrics[f"{prefix}{setting} {measure}"] = result[measure]
     return metrics
 
@@ -466,9 +489,12 @@ def markdown(results):
     kind = ("Student-t" if interval["method"] == "t" else
             f"percentile bootstrap ({interval['samples']} resamples, seed {interval['seed']})")
     level = f"{100 * interval['level']:g}%"
+    measured = ("NMI, F1 and Recall@k (%) in the clustering protocol, every test sample attacked, "
+                "ERS-style: mean of attacked / clean"
+                if settings.get("protocol") == "clustering" else "mAP and Rank-1 (%)")
     lines = [f"# Evidence: {len(results['methods'])} methods x {len(settings['seeds'])} seeds",
              "",
-             f"mAP and Rank-1 (%), mean ± sample std (ddof=1) over seeds "
+             f"{measured}, mean ± sample std (ddof=1) over seeds "
              f"{', '.join(map(str, settings['seeds']))}; clean and under each tools/robust_eval.py "
              f"attack (ATTACK eps-steps)"
              + (f", robust_eval options {' '.join(settings['robust_eval_options'])}"
@@ -495,11 +521,13 @@ def markdown(results):
 
 
 def plot(summary, path):
-    """One panel per measure (mAP, Rank-1): a bar per method and setting, ±1 std error bars."""
-    plt, fig, axes = _figure_axes(len(MEASURES))
+    """One panel per measure (mAP, Rank-1; NMI, F1, R@k, ERS): a bar per method and setting, ±1 std
+    error bars."""
+    measures = list(dict.fromkeys(m.rpartition(" ")[2] for m in summary["metrics"]))
+    plt, fig, axes = _figure_axes(len(measures))
     methods = list(summary["cells"])
     width = 0.8 / max(len(methods), 1)
-    for ax, measure in zip(axes, MEASURES):
+    for ax, measure in zip(axes, measures):
         metrics = [m for m in summary["metrics"] if m.rpartition(" ")[2] == measure]
         for i, method in enumerate(methods):
             cells = [summary["cells"][method].get(m) for m in metrics]
@@ -541,6 +569,7 @@ def main(argv=None):
     attack_settings = eval_settings(eval_argv(runs[0], ns, passthrough))
     results = {
         "settings": {"seeds": list(range(ns.seeds)), "dataset": ns.dataset or None,
+                     "protocol": ns.protocol,
                      "overrides": [item for pair in ns.override for item in pair],
                      **{k: attack_settings[k] for k in ("attacks", "eps", "steps")},
                      "robust_eval_options": passthrough, "spec": ns.spec or None,

@@ -8,6 +8,9 @@
         [--attack-option NAME:KEY=VALUE ...]
         [--surrogate-config CFG --surrogate-weights W]
         [--output DIR] [--sanity]
+    python tools/robust_eval.py --protocol clustering --config-file CFG MODEL.WEIGHTS model.pth
+        [--eps 8] [--steps 10] [--step-size S] [--distance euclidean] [--max-queries N]
+        [--output DIR]
 
 Budgets are L-inf in 1/255 units ("8" is 8/255). Each attack x eps x steps cell attacks the queries
 and ranks them against the clean gallery (DDDefense / Bouniot protocol); guide sets follow each
@@ -22,6 +25,18 @@ PASS/FAIL for each and exits 1 if any fails. Bad input exits 2 with one "error: 
 --attack-option (repeatable) passes a keyword option to one attack, e.g.
 --attack-option WMA:loss=fna --attack-option WMA:sinkhorn_iters=30 (values: Python literals, else
 strings; an unknown attack or keyword or a bad value exits 2 naming it).
+
+--protocol clustering is EAT's threat model (robustreid/evaluation/robust_clustering.py): the whole
+test set (query and gallery pooled, each image once) is attacked, every sample, by L-inf PGD on the
+self-metric objective L(F(x_adv), F(x)) from a random start (the registered SMA; --attacks SMA is
+its only attack), default eps 8/255 and 10 steps (the paper's test attack), --step-size 0 = 2.5 *
+eps / steps (Madry et al.; the paper gives none). A voting EnsembleReID is attacked through its mean
+member embedding and scored by voting; the report marks such rows "surrogate: mean embedding".
+--max-queries N keeps a seeded subset of N samples made of whole classes. Writes results.json and
+results.md: rows Clean and PGD-<steps> <eps>/255 with NMI, F1, R@k (TEST.CLUSTERING.RECALL_KS) and
+an ERS-style summary (the mean over those metrics of attacked / clean, in percent). The options of
+the query/gallery protocol (--attack-gallery, --guides, --eot, --defense, --bpda, --surrogate-*,
+--attack-option, --sanity) exit 2 naming the option.
 """
 import argparse
 import os
@@ -36,24 +51,47 @@ from robustreid.attacks import (AttackConfigError, build_defense, build_surrogat
 from robustreid.config import ConfigError, load_config
 from robustreid.engine import (USER_ERRORS, RobustTrainer, check_output_dir, check_weights,
                                check_weights_fit, preflight, setup)
+from robustreid.engine.eat import default_step_size
+from robustreid.evaluation.clustering_evaluator import check_clustering_config
 from robustreid.evaluation.guide_choice import check_guides
 from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
                                           check_attack_settings, parse_attack_options,
                                           robust_markdown, sanity_checks, write_report)
+from robustreid.evaluation.robust_clustering import (ATTACK as CLUSTERING_ATTACK,
+                                                     ClusteringRobustEvaluator, PGDCell,
+                                                     check_sample_counts, clustering_markdown,
+                                                     write_clustering_report)
 
 OPTION_NAMES = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
                 "distance": "--distance", "eot": "--eot", "options": "--attack-option",
                 "guides": "--guides"}
+PROTOCOLS = ("retrieval", "clustering")
+# --attacks/--eps/--steps when not given; clustering: the paper's test attack, PGD-10 at 8/255.
+PROTOCOL_DEFAULTS = {"retrieval": {"attacks": "FNA,SMA,IFGSM", "eps": "8,10", "steps": "16"},
+                     "clustering": {"attacks": CLUSTERING_ATTACK, "eps": "8", "steps": "10"}}
+# Options of the query/gallery protocol that the clustering protocol has no counterpart for.
+RETRIEVAL_ONLY = {"attack_gallery": "--attack-gallery", "guides": "--guides", "eot": "--eot",
+                  "defense": "--defense", "bpda": "--bpda",
+                  "surrogate_config": "--surrogate-config",
+                  "surrogate_weights": "--surrogate-weights", "attack_option": "--attack-option",
+                  "sanity": "--sanity"}
 
 
 def build_parser():
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--attacks", default="FNA,SMA,IFGSM", help="comma-separated attack names")
-    parser.add_argument("--eps", default="8,10", help="comma-separated L-inf budgets in 1/255 units")
-    parser.add_argument("--steps", default="16", help="comma-separated iteration counts")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="retrieval",
+                        help="retrieval: queries (or gallery) attacked against the clean other "
+                             "side; clustering: every test sample attacked (EAT)")
+    parser.add_argument("--attacks", help="comma-separated attack names (default: FNA,SMA,IFGSM; "
+                                          "clustering: SMA)")
+    parser.add_argument("--eps", help="comma-separated L-inf budgets in 1/255 units "
+                                      "(default: 8,10; clustering: 8)")
+    parser.add_argument("--steps", help="comma-separated iteration counts (default: 16; "
+                                        "clustering: 10)")
     parser.add_argument("--step-size", default="0",
-                        help="attack step in 1/255 units (0 = each attack's own default)")
+                        help="attack step in 1/255 units (0 = each attack's own default; "
+                             "clustering: 2.5 * eps / steps)")
     parser.add_argument("--distance", default="euclidean", help="attack distance: euclidean, cosine")
     parser.add_argument("--attack-gallery", action="store_true",
                         help="attack the gallery, queries clean (AMA protocol)")
@@ -66,7 +104,9 @@ def build_parser():
     parser.add_argument("--surrogate-config", default="", metavar="FILE",
                         help="transfer attack: craft on this config's model (with --surrogate-weights)")
     parser.add_argument("--surrogate-weights", default="", metavar="FILE")
-    parser.add_argument("--max-queries", default="0", help="attack a seeded subset (0 = all)")
+    parser.add_argument("--max-queries", default="0",
+                        help="attack a seeded subset (0 = all; clustering: N samples of whole "
+                             "classes)")
     parser.add_argument("--attack-option", action="append", default=[], metavar="NAME:KEY=VALUE",
                         help="keyword option of one attack, e.g. WMA:loss=fna (repeatable)")
     parser.add_argument("--output", default="", help="default: OUTPUT_DIR/robust_eval")
@@ -90,11 +130,45 @@ def _numbers(text, option, kind, minimum=None):
     return numbers
 
 
+def _attack_options(ns):
+    """--attacks, --eps, --steps as given or the protocol's defaults (strings)."""
+    defaults = PROTOCOL_DEFAULTS[ns.protocol]
+    return {key: defaults[key] if getattr(ns, key) is None else getattr(ns, key)
+            for key in ("attacks", "eps", "steps")}
+
+
+def parse_clustering_settings(ns):
+    """The clustering protocol's settings (ConfigError naming the option at fault)."""
+    parser = build_parser()
+    given = [flag for dest, flag in RETRIEVAL_ONLY.items()
+             if getattr(ns, dest) != parser.get_default(dest)]
+    if given:
+        raise ConfigError(f"{given[0]} applies to --protocol retrieval only (the clustering "
+                          "protocol attacks every test sample with PGD)")
+    options = _attack_options(ns)
+    attacks = [a.strip() for a in options["attacks"].split(",") if a.strip()]
+    if attacks != [CLUSTERING_ATTACK]:
+        raise ConfigError(f"--attacks {options['attacks']!r}: --protocol clustering runs PGD on "
+                          f"the self-metric objective L(F(x_adv), F(x)), attack {CLUSTERING_ATTACK}")
+    settings = dict(protocol="clustering", attacks=attacks,
+                    eps=_numbers(options["eps"], "--eps", float),
+                    steps=_numbers(options["steps"], "--steps", int), distance=ns.distance,
+                    max_queries=_numbers(ns.max_queries, "--max-queries", int, minimum=0)[0],
+                    step_size=_numbers(ns.step_size, "--step-size", float, minimum=0)[0] or None)
+    check_attack_settings(attacks, settings["eps"], settings["steps"], ns.distance, 1, OPTION_NAMES)
+    return settings
+
+
 def parse_settings(ns):
     """Attack settings from the command line, every one validated (ConfigError naming the option)."""
+    if ns.protocol == "clustering":
+        return parse_clustering_settings(ns)
+    options = _attack_options(ns)
     settings = dict(
-        attacks=[a.strip() for a in ns.attacks.split(",") if a.strip()],
-        eps=_numbers(ns.eps, "--eps", float), steps=_numbers(ns.steps, "--steps", int),
+        protocol="retrieval",
+        attacks=[a.strip() for a in options["attacks"].split(",") if a.strip()],
+        eps=_numbers(options["eps"], "--eps", float),
+        steps=_numbers(options["steps"], "--steps", int),
         distance=ns.distance, eot=_numbers(ns.eot, "--eot", int)[0],
         max_queries=_numbers(ns.max_queries, "--max-queries", int, minimum=0)[0],
         step_size=_numbers(ns.step_size, "--step-size", float, minimum=0)[0] or None,
@@ -123,6 +197,10 @@ def check_inputs(ns):
         raise ConfigError("no weights to evaluate: pass MODEL.WEIGHTS /path/to/model_final.pth")
     check_output_dir(report_dir(ns, cfg), "--output" if ns.output else "OUTPUT_DIR/robust_eval")
     preflight(cfg, eval_only=True)  # weights file and fit, datasets, images
+    if settings["protocol"] == "clustering":
+        check_clustering_config(cfg)  # whatever TEST.EVALUATOR says
+        check_sample_counts(cfg, settings["max_queries"], max(cfg.ROBUSTREID.SEED, 0))
+        return settings, cfg, None
     if settings["surrogate_config"]:
         surrogate_cfg = load_config(settings["surrogate_config"],
                                     ["MODEL.WEIGHTS", settings["surrogate_weights"]])
@@ -136,6 +214,20 @@ def report_dir(ns, cfg):
     return ns.output or os.path.join(cfg.OUTPUT_DIR, "robust_eval")
 
 
+def clustering_cells(settings):
+    """The PGD rows, eps-major; --step-size 0 = 2.5 * eps / steps (EAT's training default)."""
+    return [PGDCell(eps, steps, settings["step_size"] or default_step_size(eps, steps))
+            for eps in settings["eps"] for steps in settings["steps"]]
+
+
+def run_clustering(settings, cfg, model):
+    """Every test dataset attacked by every PGD row: the datasets' entries of the report."""
+    seed = max(cfg.ROBUSTREID.SEED, 0)
+    return [ClusteringRobustEvaluator(cfg, model, name, distance=settings["distance"],
+                                      max_samples=settings["max_queries"], seed=seed)
+            .run(clustering_cells(settings)) for name in cfg.DATASETS.TESTS]
+
+
 def run(ns, settings, checked_cfg, defense):
     """Evaluate every test dataset, write the report; returns (report, sanity checks)."""
     output = report_dir(ns, checked_cfg)
@@ -143,6 +235,13 @@ def run(ns, settings, checked_cfg, defense):
     cfg = setup(argparse.Namespace(config_file=ns.config_file, eval_only=True,
                                    opts=[*ns.opts, "OUTPUT_DIR", output]))
     model = RobustTrainer.load_for_eval(cfg)
+    if settings["protocol"] == "clustering":
+        start = time.perf_counter()
+        datasets = run_clustering(settings, cfg, model)
+        report = build_report(report_settings(ns, settings, cfg, output), datasets,
+                              time.perf_counter() - start)
+        write_clustering_report(report, output)
+        return report, []
     surrogate = (build_surrogate_extractor(settings["surrogate_config"], settings["surrogate_weights"])
                  if settings["surrogate_config"] else None)
     seed = max(cfg.ROBUSTREID.SEED, 0)
@@ -162,15 +261,20 @@ def run(ns, settings, checked_cfg, defense):
             result["sanity"] = {"checks": [vars(c) for c in dataset_checks], "cells": extra}
             checks += [(name, c) for c in dataset_checks]
         datasets.append(result)
-    report = build_report({
-        **settings, "model": os.path.splitext(os.path.basename(ns.config_file))[0],
-        "config_file": os.path.abspath(ns.config_file), "opts": list(ns.opts),
-        "weights": os.path.abspath(cfg.MODEL.WEIGHTS), "weights_sha256": sha256_of(cfg.MODEL.WEIGHTS),
-        "datasets": list(cfg.DATASETS.TESTS), "metric": cfg.TEST.METRIC, "seed": seed,
-        "device": cfg.MODEL.DEVICE, "output_dir": os.path.abspath(output),
-    }, datasets, time.perf_counter() - start)
+    report = build_report(report_settings(ns, settings, cfg, output), datasets,
+                          time.perf_counter() - start)
     write_report(report, output)
     return report, checks
+
+
+def report_settings(ns, settings, cfg, output):
+    """What results.json records of the run: the settings, the model, weights, data and device."""
+    return {**settings, "model": os.path.splitext(os.path.basename(ns.config_file))[0],
+            "config_file": os.path.abspath(ns.config_file), "opts": list(ns.opts),
+            "weights": os.path.abspath(cfg.MODEL.WEIGHTS),
+            "weights_sha256": sha256_of(cfg.MODEL.WEIGHTS), "datasets": list(cfg.DATASETS.TESTS),
+            "metric": cfg.TEST.METRIC, "seed": max(cfg.ROBUSTREID.SEED, 0),
+            "device": cfg.MODEL.DEVICE, "output_dir": os.path.abspath(output)}
 
 
 def main(argv=None):
@@ -183,7 +287,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     report, checks = run(ns, settings, cfg, defense)
-    print("\n" + robust_markdown(report))
+    markdown = clustering_markdown if settings["protocol"] == "clustering" else robust_markdown
+    print("\n" + markdown(report))
     print(f"report: {report['settings']['output_dir']}")
     for name, check in checks:
         print(f"[{name}] {check.line()}")

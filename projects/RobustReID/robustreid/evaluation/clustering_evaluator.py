@@ -8,6 +8,11 @@ DML test sets have no query/gallery split: every test image is clustered and is 
 all the others, so the query and gallery parts of fastreid's test stream are pooled (an image listed
 in both counts once, by its path).  Retrieval is cosine on L2-normalised features whatever
 TEST.METRIC says (the DML convention).
+
+An EAT ensemble (MODEL.META_ARCHITECTURE EnsembleReID) is scored by its own inference:
+:func:`clustering_inference` takes the member count and the inference from EAT.MEMBERS and
+EAT.INFERENCE, so an EAT config needs no TEST.CLUSTERING keys; a TEST.CLUSTERING.MEMBERS or
+INFERENCE set to another value than its default and the model's is a ConfigError naming both keys.
 """
 import copy
 import itertools
@@ -22,6 +27,41 @@ from fastreid.utils import comm
 from ..config import ConfigError, _positive_int
 from .clustering import INFERENCES, clustering_report
 from .faiss_evaluator import _faiss_options
+
+# TEST.CLUSTERING.MEMBERS / INFERENCE defaults: with an ensemble they mean "the model's".
+DEFAULT_MEMBERS, DEFAULT_INFERENCE = 1, "vote"
+
+
+def clustering_inference(cfg):
+    """(members, inference) the clustering metrics combine the model's output with.
+
+    EnsembleReID outputs its N unit member embeddings side by side for EAT.INFERENCE vote and
+    concat, their mean for "mean" (modeling/meta_arch/ensemble.py): (EAT.MEMBERS or 1,
+    EAT.INFERENCE).  Any other model: (TEST.CLUSTERING.MEMBERS, TEST.CLUSTERING.INFERENCE).
+    """
+    clustering = cfg.TEST.CLUSTERING
+    if cfg.MODEL.META_ARCHITECTURE != "EnsembleReID":
+        return clustering.MEMBERS, clustering.INFERENCE
+    inference = cfg.EAT.INFERENCE
+    return (1 if inference == "mean" else cfg.EAT.MEMBERS), inference
+
+
+def _check_ensemble_agreement(cfg):
+    """An explicit TEST.CLUSTERING.MEMBERS / INFERENCE must be the ensemble's own."""
+    if cfg.MODEL.META_ARCHITECTURE != "EnsembleReID":
+        return
+    clustering, eat = cfg.TEST.CLUSTERING, cfg.EAT
+    members, inference = clustering_inference(cfg)
+    if clustering.MEMBERS not in (DEFAULT_MEMBERS, members):
+        raise ConfigError(f"TEST.CLUSTERING.MEMBERS {clustering.MEMBERS} contradicts the "
+                          f"ensemble's EAT.MEMBERS {eat.MEMBERS} with EAT.INFERENCE {eat.INFERENCE} "
+                          f"(it outputs {members} embedding(s)): leave TEST.CLUSTERING.MEMBERS at "
+                          f"{DEFAULT_MEMBERS} or set {members}")
+    if clustering.INFERENCE not in (DEFAULT_INFERENCE, inference):
+        raise ConfigError(f"TEST.CLUSTERING.INFERENCE {clustering.INFERENCE} contradicts the "
+                          f"ensemble's EAT.INFERENCE {inference}: the evaluation uses the "
+                          f"model's inference; leave TEST.CLUSTERING.INFERENCE at "
+                          f"{DEFAULT_INFERENCE} or set {inference}")
 
 
 def check_clustering_config(cfg):
@@ -40,6 +80,18 @@ def check_clustering_config(cfg):
     if clustering.INFERENCE not in INFERENCES:
         raise ConfigError(f"TEST.CLUSTERING.INFERENCE must be one of {list(INFERENCES)}, "
                           f"got {clustering.INFERENCE!r}")
+    _check_ensemble_agreement(cfg)
+
+
+def score_clustering(cfg, features, labels):
+    """:func:`clustering_report` of ``features`` with ``cfg``'s TEST.CLUSTERING settings and the
+    model's inference (:func:`clustering_inference`)."""
+    clustering = cfg.TEST.CLUSTERING
+    members, inference = clustering_inference(cfg)
+    _, use_gpu, _ = _faiss_options(cfg)
+    return clustering_report(features, labels, ks=clustering.RECALL_KS, seed=clustering.SEED,
+                             members=members, inference=inference,
+                             niter=clustering.KMEANS_NITER, use_gpu=use_gpu)
 
 
 class ClusteringEvaluator(DatasetEvaluator):
@@ -83,12 +135,7 @@ class ClusteringEvaluator(DatasetEvaluator):
             keep = np.sort(first)
             features, pids = features[torch.from_numpy(keep)], pids[keep]
 
-        clustering = self.cfg.TEST.CLUSTERING
-        _, use_gpu, _ = _faiss_options(self.cfg)
-        report = clustering_report(features, pids, ks=clustering.RECALL_KS, seed=clustering.SEED,
-                                   members=clustering.MEMBERS, inference=clustering.INFERENCE,
-                                   niter=clustering.KMEANS_NITER, use_gpu=use_gpu)
-        results = OrderedDict(report)
-        results["metric"] = report[f"R@{min(clustering.RECALL_KS)}"]
+        results = OrderedDict(score_clustering(self.cfg, features, pids))
+        results["metric"] = results[f"R@{min(self.cfg.TEST.CLUSTERING.RECALL_KS)}"]
         self._results = results
         return copy.deepcopy(results)
