@@ -185,10 +185,12 @@ def add_robustreid_config(cfg):
     # Keys that live beside the parts they configure.
     from .data.balancing.config import add_balancing_config
     from .modeling.backbones.apnet import add_apnet_config
+    from .modeling.backbones.bninception import add_bninception_config
     from .modeling.dg_config import add_dg_config
     from .modeling.noise import add_mpsnn_config
 
     add_apnet_config(cfg)
+    add_bninception_config(cfg)  # MODEL.BACKBONE.BNINCEPTION
     add_mpsnn_config(cfg)  # MODEL.NOISE, MPSNN, TEST.NOISE_DRAWS
     add_balancing_config(cfg)  # DATASETS.BALANCED, BALANCE (DDDefense phase 1)
     add_dg_config(cfg)  # DG (BAU, ADIN), MODEL.BACKBONE.DUAL_BRANCH, MODEL.HEADS.MLP
