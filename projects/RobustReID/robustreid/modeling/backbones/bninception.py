@@ -25,7 +25,6 @@ from fastreid.config import CfgNode as CN
 from fastreid.layers import get_norm
 from fastreid.modeling.backbones.build import BACKBONE_REGISTRY
 
-from ...config import ConfigError
 from .pretrained import load_pretrained
 
 __all__ = ["add_bninception_config", "build_bninception_backbone", "BNInception", "MODULES"]
@@ -133,10 +132,6 @@ def build_bninception_backbone(cfg):
     backbone = cfg.MODEL.BACKBONE
     model = BNInception(backbone.NORM)
     if backbone.PRETRAIN:
-        if not backbone.PRETRAIN_PATH:
-            raise ConfigError("build_bninception_backbone with MODEL.BACKBONE.PRETRAIN True needs "
-                              "MODEL.BACKBONE.PRETRAIN_PATH (its ImageNet state dict), or set "
-                              "MODEL.BACKBONE.PRETRAIN False")
         load_pretrained(model, backbone.PRETRAIN_PATH)
         if backbone.BNINCEPTION.BGR_WEIGHTS:
             with torch.no_grad():

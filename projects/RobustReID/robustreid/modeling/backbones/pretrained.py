@@ -36,6 +36,10 @@ def load_pretrained(model, path, convert=None):
     the model's layout, when given). Every tensor of the model but BatchNorm's ``num_batches_tracked`` counters must be in
     the file with its shape, and the file may hold nothing else but an ImageNet classifier:
     otherwise a ConfigError names the first offending key."""
+    if not path:
+        raise ConfigError(f"{type(model).__name__}: MODEL.BACKBONE.PRETRAIN True needs "
+                          f"MODEL.BACKBONE.PRETRAIN_PATH (its ImageNet state dict; nothing is "
+                          f"downloaded), or set MODEL.BACKBONE.PRETRAIN False")
     label = f"MODEL.BACKBONE.PRETRAIN_PATH {path}"
     state = read_state_dict(path)
     state = {k: v for k, v in (convert(state) if convert else state).items()
