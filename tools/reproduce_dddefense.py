@@ -32,16 +32,14 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 from typing import NamedTuple, Optional
 
-from run_state import final_weights, resume_flags  # tools/run_state.py
+from reproduce_common import (REPO, ReproduceError, csv_list, evaluate as run_evaluation,  # tools/
+                              load_tables, parse_dataset_map, run, select_tables, train as run_training)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_RESULTS = os.path.join(REPO, "configs", "DDDefense", "paper_results.json")
 METHODS_DIR = os.path.join(REPO, "configs", "DDDefense", "methods")
-TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 BALANCE_DATA = os.path.join(REPO, "tools", "balance_data.py")
 MAKE_ADVERSARIAL_SET = os.path.join(REPO, "tools", "make_adversarial_set.py")
 ROBUST_EVAL = os.path.join(REPO, "tools", "robust_eval.py")
@@ -76,10 +74,6 @@ class Evaluation(NamedTuple):
     test_dataset: Optional[str] = None    # cross-dataset rows: the registered test dataset
 
 
-class ReproduceError(ValueError):
-    """A bad selection or a missing input, reported as one line."""
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,33 +104,6 @@ def enables_balancing(config):
     if enabled is not None or "_BASE_" not in data:
         return bool(enabled)
     return enables_balancing(os.path.join(os.path.dirname(config), data["_BASE_"]))
-
-
-def _csv(text):
-    return [item for item in text.split(",") if item]
-
-
-def parse_dataset_map(text):
-    """``"Market1501=MyMarket,DukeMTMC=MyDuke"`` -> {paper name: registered name}."""
-    pairs = [item.partition("=") for item in _csv(text)]
-    bad = [name + eq + value for name, eq, value in pairs if not (name and eq and value)]
-    if bad:
-        raise ReproduceError(f"--dataset-map: {', '.join(map(repr, bad))} is not "
-                             f"NAME=REGISTERED_NAME")
-    return {name: value for name, _, value in pairs}
-
-
-def load_tables(path=PAPER_RESULTS):
-    with open(path) as f:
-        return {table["id"]: table for table in json.load(f)["tables"]}
-
-
-def select_tables(tables, spec):
-    ids = list(tables) if spec == "all" else _csv(spec)
-    unknown = [i for i in ids if i not in tables]
-    if unknown:
-        raise ReproduceError(f"--tables: unknown table(s) {unknown}; available: {', '.join(tables)}")
-    return [tables[i] for i in ids]
 
 
 def attack_columns(columns):
@@ -241,8 +208,8 @@ class Plan:
 
 def build_plan(args, tables):
     plan = Plan(args)
-    keep = {"dataset": _csv(args.datasets), "backbone": _csv(args.backbones),
-            "method": _csv(args.methods)}
+    keep = {"dataset": csv_list(args.datasets), "backbone": csv_list(args.backbones),
+            "method": csv_list(args.methods)}
     for table in tables:
         for row in table["rows"]:
             if all(not wanted or row.get(field) in wanted for field, wanted in keep.items()):
@@ -250,16 +217,6 @@ def build_plan(args, tables):
     if not plan.rows:
         raise ReproduceError("no table row matches --datasets/--backbones/--methods")
     return plan
-
-
-def run(command, log):
-    print("$ " + " ".join(command), flush=True)
-    os.makedirs(os.path.dirname(log), exist_ok=True)
-    with open(log, "a") as f:
-        process = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
-    if process.returncode:
-        raise ReproduceError(f"command failed (exit {process.returncode}), see {log}: "
-                             + " ".join(command))
 
 
 def make_adversarial_set(plan, key):
@@ -279,10 +236,7 @@ def make_adversarial_set(plan, key):
 
 def train(plan, key):
     config, opts, out = plan.trainings[key]
-    if os.path.isfile(final_weights(out)):
-        return
-    run([sys.executable, TRAIN_NET, "--config-file", config, "--num-gpus",
-         str(plan.args.num_gpus), *resume_flags(out), *opts], os.path.join(out, "reproduce.log"))
+    run_training(config, opts, out, plan.args.num_gpus)
 
 
 def evaluate(plan, evaluation):
@@ -297,18 +251,7 @@ def evaluate(plan, evaluation):
         opts += ["DATASETS.TESTS", f'("{evaluation.test_dataset}",)']
     command = [sys.executable, ROBUST_EVAL, "--config-file", config, *args, "--output",
                evaluation.out, *opts, "MODEL.WEIGHTS", os.path.join(train_out, "model_final.pth")]
-    results = os.path.join(evaluation.out, "results.json")
-    if os.path.isfile(results):
-        with open(results) as f:
-            if json.load(f)["settings"].get("command") == command[2:]:
-                return
-    run(command, os.path.join(evaluation.out, "reproduce.log"))
-    with open(results) as f:
-        report = json.load(f)
-    report["settings"]["command"] = command[2:]  # what "already done" is compared against
-    with open(results + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(results + ".tmp", results)
+    run_evaluation(command, evaluation.out)
 
 
 def our_cell(plan, result_ref, column):
@@ -391,7 +334,7 @@ def print_tables(plan):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        plan = build_plan(args, select_tables(load_tables(), args.tables))
+        plan = build_plan(args, select_tables(load_tables(PAPER_RESULTS), args.tables))
         print(f"{len(plan.rows)} table rows: {len(plan.balancings)} balanced sets, "
               f"{len(plan.adversarial_sets)} adversarial sets, {len(plan.trainings)} training runs, "
               f"{len(plan.evaluations)} evaluations under {plan.output}")

@@ -17,6 +17,10 @@ Patches, in the order they must run:
                             (CPU only: on GPU fastreid's NCCL path runs unchanged).
   metric_printer_eta        CommonMetricPrinter divides by zero writing twice at one iteration
                             before IterationTimer has timed any (runs of at most 2 iterations).
+  mobilenetv2_pretrain      build_mobilenetv2_backbone reads only its own module layout and loads it
+                            with strict=False: torchvision's ImageNet file (the one torch users
+                            have) crashes it, and a file of another model leaves it random with
+                            an info line. Both layouts load, anything else is a ConfigError.
 """
 import collections
 import collections.abc
@@ -244,6 +248,65 @@ def patch_metric_printer_eta():
     CommonMetricPrinter.write = _write_without_zero_division
 
 
+# --- MobileNetV2 ImageNet weights: torchvision's layout, and no silent random backbone ----------------
+# torchvision nests each conv + BN in a module of its own and names the last 1x1 conv features.18;
+# fastreid's blocks are flat Sequentials (conv, BN, ReLU6, ...) and its last conv is ``conv``.
+# Positions in a fastreid block's ``conv`` of torchvision's (sub)modules, per expand ratio 1 / 6.
+_TV_MOBILENETV2_BLOCK = {
+    "t1": {"0.0": "0", "0.1": "1", "1": "3", "2": "4"},
+    "t6": {"0.0": "0", "0.1": "1", "1.0": "3", "1.1": "4", "2": "6", "3": "7"},
+}
+
+
+def _torchvision_mobilenetv2_key(key):
+    """fastreid's MobileNetV2 key for a torchvision ``mobilenet_v2`` key (stem and classifier
+    unchanged: they match, or the loader drops them)."""
+    parts = key.split(".")
+    if parts[0] != "features" or len(parts) < 3:
+        return key
+    if parts[1] == "18":  # the final 1x1 conv + BN
+        return ".".join(["conv"] + parts[2:])
+    if parts[2] != "conv":
+        return key
+    table = _TV_MOBILENETV2_BLOCK["t1" if parts[1] == "1" else "t6"]
+    rest = parts[3:]
+    position = ".".join(rest[:2]) if ".".join(rest[:2]) in table else rest[0]
+    tail = rest[len(position.split(".")):]
+    return ".".join(["features", parts[1], "conv", table[position]] + tail)
+
+
+def mobilenetv2_state_dict(state):
+    """A MobileNetV2 ImageNet state dict in fastreid's layout: torchvision's (recognised by its
+    ``features.18``) renamed, any other returned as it is (the loader checks it fits)."""
+    if "features.18.0.weight" not in state:
+        return state
+    return {_torchvision_mobilenetv2_key(k): v for k, v in state.items()}
+
+
+def patch_mobilenetv2_pretrain():
+    from fastreid.modeling.backbones.build import BACKBONE_REGISTRY
+
+    name = "build_mobilenetv2_backbone"
+    fastreid_builder = BACKBONE_REGISTRY.get(name)
+    if getattr(fastreid_builder, "_robustreid_patched", False):
+        return
+
+    @functools.wraps(fastreid_builder)
+    def build_mobilenetv2_backbone(cfg):
+        if not cfg.MODEL.BACKBONE.PRETRAIN:
+            return fastreid_builder(cfg)
+        random_cfg = cfg.clone()
+        random_cfg.defrost()
+        random_cfg.MODEL.BACKBONE.PRETRAIN = False
+        from .modeling.backbones.pretrained import load_pretrained  # after robustreid's imports
+        return load_pretrained(fastreid_builder(random_cfg), cfg.MODEL.BACKBONE.PRETRAIN_PATH,
+                               convert=mobilenetv2_state_dict)
+
+    build_mobilenetv2_backbone._robustreid_patched = True
+    BACKBONE_REGISTRY._obj_map[name] = build_mobilenetv2_backbone  # build_backbone looks it up
+    _record("mobilenetv2_pretrain", fastreid_builder)
+
+
 _PATCHES = (
     patch_collections_abc_aliases,
     patch_torch_six,
@@ -253,6 +316,7 @@ _PATCHES = (
     patch_evaluator_no_cython_exit,
     patch_cpu_distributed_launch,
     patch_metric_printer_eta,
+    patch_mobilenetv2_pretrain,
 )
 
 

@@ -208,10 +208,12 @@ def add_robustreid_config(cfg):
     # Keys that live beside the parts they configure.
     from .data.balancing.config import add_balancing_config
     from .modeling.backbones.apnet import add_apnet_config
+    from .modeling.backbones.bninception import add_bninception_config
     from .modeling.dg_config import add_dg_config
     from .modeling.noise import add_mpsnn_config
 
     add_apnet_config(cfg)
+    add_bninception_config(cfg)  # MODEL.BACKBONE.BNINCEPTION
     add_mpsnn_config(cfg)  # MODEL.NOISE, MPSNN, TEST.NOISE_DRAWS
     add_balancing_config(cfg)  # DATASETS.BALANCED, BALANCE (DDDefense phase 1)
     add_dg_config(cfg)  # DG (BAU, ADIN), MODEL.BACKBONE.DUAL_BRANCH, MODEL.HEADS.MLP
@@ -244,8 +246,45 @@ def _config_errors(where):
         raise ConfigError(f"{where}: {e}") from None
 
 
+BASE_KEY = "_BASE_"
+
+
+def _merge_into(update, base, path):
+    """fastreid's _BASE_ merge: ``update``'s values replace ``base``'s, sections merge key by key."""
+    for key, value in update.items():
+        if isinstance(value, dict) and key in base:
+            if not isinstance(base[key], dict):
+                raise ValueError(f"{path}: {key} is a section, but a value in its _BASE_")
+            _merge_into(value, base[key], path)
+        else:
+            base[key] = value
+
+
+def read_config_file(path, _inheriting=()):
+    """A yml as a dict with its ``_BASE_`` merged in. fastreid's rules (a path relative to the file,
+    the file's keys override its base's), plus: ``_BASE_`` may be a list of files, merged left to
+    right, so a config combines independent parts without copying them (configs/EAT: the recipe,
+    a dataset, a backbone and a method)."""
+    if path in _inheriting:
+        raise ValueError(f"_BASE_ cycle: {' -> '.join(_inheriting + (path,))}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    bases = data.pop(BASE_KEY, [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ValueError(f"_BASE_ of {path} must be a file or a list of files, got {bases!r}")
+    merged = {}
+    for base in bases:
+        base = os.path.expanduser(base)
+        base = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        _merge_into(read_config_file(base, _inheriting + (path,)), merged, path)
+    _merge_into(data, merged, path)
+    return merged
+
+
 def load_config(config_file="", opts=()):
-    """fastreid's get_cfg() + RobustReID's keys + a yml (with _BASE_) + KEY VALUE overrides.
+    """fastreid's get_cfg() + RobustReID's keys + a yml (with _BASE_, :func:`read_config_file`) +
+    KEY VALUE overrides.
 
     Every failure is a :class:`ConfigError` naming the file or key, raised before anything is built.
     """
@@ -256,7 +295,7 @@ def load_config(config_file="", opts=()):
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file not found: {config_file}")
         with _config_errors(config_file):
-            cfg.merge_from_file(config_file)
+            cfg.merge_from_other_cfg(type(cfg)(read_config_file(config_file)))
     opts = list(opts or [])
     if len(opts) % 2:
         raise ConfigError(f"command-line options must be KEY VALUE pairs, got an odd list: {opts}")
