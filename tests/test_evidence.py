@@ -5,6 +5,7 @@ import math
 import os
 
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -225,6 +226,24 @@ def test_run_trained_with_another_config_is_refused(tool, fake_runs, tmp_path, d
     base_lr = load_config(BOT).SOLVER.BASE_LR
     assert err[0].startswith(f"error: {tmp_path / 'ev' / 'base' / 'seed0'} was trained with another "
                              f"config (SOLVER.BASE_LR: {base_lr} -> 0.1)")
+
+
+def test_run_dumped_by_older_code_is_reused_when_new_keys_are_at_their_defaults(
+        tool, fake_runs, tmp_path, datasets_root, capsys):
+    """A config key added after a run was trained is absent from its config.yaml: at its default
+    the run trained the same way (reused); set otherwise it did not (refused)."""
+    assert tool.main(methods_args(tmp_path)) == 0
+    for dumped in (tmp_path / "ev").glob("*/seed*/config.yaml"):
+        cfg = yaml.safe_load(dumped.read_text())
+        del cfg["ADV_TRAIN"]["SEPARATE_LOSSES"]  # as written before the key existed
+        dumped.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert tool.main(methods_args(tmp_path)) == 0
+    assert len(fake_runs["train"]) == 4
+    assert capsys.readouterr().out.count("skipped (finished earlier)") == 4
+    code = tool.main(methods_args(tmp_path, "--override", "ADV_TRAIN.SEPARATE_LOSSES", "True"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "ADV_TRAIN.SEPARATE_LOSSES: None -> True" in err[0]
 
 
 # --------------------------------------------------------------------------- input checks

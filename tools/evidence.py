@@ -327,8 +327,11 @@ def check_same_training(run):
     now = flat(yaml.safe_load(load_config(run.method.config, run.train_opts()).dump()))
     if now.get(AUTO_CLASSES) == 0:  # the trainer writes the training set's count in its place
         now[AUTO_CLASSES] = before.get(AUTO_CLASSES)
+    # A key the run's code did not have yet, now at its default, trained the same way
+    defaults = flat(yaml.safe_load(load_config().dump()))
     changed = [k for k in sorted(before.keys() | now.keys())
-               if k not in MACHINE_KEYS and before.get(k) != now.get(k)]
+               if k not in MACHINE_KEYS and before.get(k) != now.get(k)
+               and not (k not in before and k in defaults and now.get(k) == defaults[k])]
     if changed:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
         raise EvidenceError(f"{run.out} was trained with another config ({shown}"
