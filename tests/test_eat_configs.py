@@ -1,8 +1,6 @@
 """configs/EAT: one config per row of EAT's Tables 1-4, each a list of parts (_BASE_): the recipe
-(Base-EAT.yml), a dataset, a backbone (the <Dataset>_<Backbone>.yml combination) and a method.
-
-The baseline methods' switch (DML_DEFENSE.METHOD) is added on another branch: their rows are checked
-as YAML (the merged dict); rows whose keys are all on this branch are loaded as configs."""
+(Base-EAT.yml), a dataset, a backbone (the <Dataset>_<Backbone>.yml combination) and a method;
+every row loads as a config."""
 import json
 import os
 
@@ -12,10 +10,11 @@ import yaml
 from conftest import REPO
 
 EAT_DIR = os.path.join(REPO, "configs", "EAT")
-BASELINES = ("at", "mixup", "iat", "trades")           # DML_DEFENSE.METHOD (another branch)
+BASELINES = ("at", "mixup", "iat", "trades")           # DML_DEFENSE.METHOD
 ENSEMBLES = {"eat": (True, True), "eat_no_split": (False, True),  # EAT.DATA_SPLIT, SELF_TRANSFER
              "naive_ensemble": (False, False)}
 RECALL_KS = {"CUB200": (1, 2, 4, 8), "CARS196": (1, 2, 4, 8), "InShop": (1, 10, 20)}
+TEST_SETS = {"InShop": "InShopQuery"}  # EAT's In-Shop test set: the query part alone
 BACKBONES = {"MobileNetV2": ("build_mobilenetv2_backbone", 1280),
              "BNInception": ("build_bninception_backbone", 1024)}
 
@@ -36,7 +35,6 @@ def raw(path):
 
 
 ROWS = paper_rows()
-ON_THIS_BRANCH = [r for r in ROWS if r[2] not in BASELINES]
 
 
 def test_every_table_row_has_one_config_made_of_its_parts():
@@ -66,8 +64,7 @@ def test_baseline_rows_add_only_their_switch_to_the_recipe(method):
     assert row == pal
 
 
-@pytest.mark.parametrize("dataset, backbone, method", ON_THIS_BRANCH,
-                         ids=["/".join(r) for r in ON_THIS_BRANCH])
+@pytest.mark.parametrize("dataset, backbone, method", ROWS, ids=["/".join(r) for r in ROWS])
 def test_rows_load_with_the_papers_recipe(dataset, backbone, method):
     from robustreid.config import load_config
 
@@ -81,12 +78,14 @@ def test_rows_load_with_the_papers_recipe(dataset, backbone, method):
     assert cfg.INPUT.CROP.ENABLED and list(cfg.INPUT.CROP.SIZE) == [224, 224] and cfg.INPUT.FLIP.ENABLED
     assert cfg.MODEL.BACKBONE.PRETRAIN and cfg.MODEL.BACKBONE.PRETRAIN_PATH == ""
     assert (cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.FEAT_DIM) == BACKBONES[backbone]
-    assert tuple(cfg.DATASETS.NAMES) == tuple(cfg.DATASETS.TESTS) == (dataset,)
+    assert tuple(cfg.DATASETS.NAMES) == (dataset,)
+    assert tuple(cfg.DATASETS.TESTS) == (TEST_SETS.get(dataset, dataset),)
     assert cfg.TEST.EVALUATOR == "ClusteringEvaluator"
     assert tuple(cfg.TEST.CLUSTERING.RECALL_KS) == RECALL_KS[dataset]
     assert cfg.OUTPUT_DIR == f"logs/eat/{dataset}/{backbone}/{method}"
-    if method == "pal":
+    if method not in ENSEMBLES:
         assert cfg.MODEL.META_ARCHITECTURE == "RobustBaseline" and not cfg.EAT.ENABLED
+        assert cfg.DML_DEFENSE.METHOD == ("" if method == "pal" else method)
         return
     eat = cfg.EAT
     assert cfg.MODEL.META_ARCHITECTURE == "EnsembleReID" and eat.ENABLED

@@ -333,24 +333,31 @@ def test_tiny_end_to_end(tool, tmp_path, datasets_root, capsys):
 # --------------------------------------------------------------------------- clustering, EAT
 
 EAT = os.path.join(REPO, "configs", "SynthReID", "eat_R18.yml")
+EAT3 = os.path.join(REPO, "configs", "SynthReID", "evidence", "eat3.yml")
 
 
-def test_clustering_protocol_reaches_robust_eval_and_eat_fine_tunes_its_members(
-        tool, fake_runs, tmp_path, datasets_root, monkeypatch, capsys):
-    def evaluate(argv):  # robust_eval --protocol clustering's report (NMI, F1, R@k and ERS)
+def fake_clustering_evaluate(tool, fake_runs, nmi):
+    """An evaluate that writes robust_eval --protocol clustering's report (NMI, F1, R@k and ERS),
+    the attacked NMI of a method's seed being ``nmi(method, seed)``, and records its argv."""
+    def evaluate(argv):
         fake_runs["evaluate"].append(argv)
         seed, method = int(opt(argv, "ROBUSTREID.SEED")), opt(argv, "OUTPUT_DIR").split(os.sep)[-2]
-        nmi = {"base": 20.0, "eat": 30.0 + seed}[method]
         report = {"settings": tool.eval_settings(argv), "datasets": [{
             "dataset": "SynthReIDTiny", "metrics": ["NMI", "F1", "R@1"],
             "clean": {"NMI": 60.0, "F1": 20.0, "R@1": 50.0},
-            "cells": [{"label": "PGD-10 8/255", "NMI": nmi, "F1": 5.0, "R@1": 10.0,
+            "cells": [{"label": "PGD-10 8/255", "NMI": nmi(method, seed), "F1": 5.0, "R@1": 10.0,
                        "ERS": 50.0 + seed}]}]}
         os.makedirs(opt(argv, "--output"), exist_ok=True)
         with open(os.path.join(opt(argv, "--output"), "results.json"), "w") as f:
             json.dump(report, f)
 
-    monkeypatch.setattr(tool, "evaluate", evaluate)
+    return evaluate
+
+
+def test_clustering_protocol_reaches_robust_eval_and_eat_fine_tunes_its_members(
+        tool, fake_runs, tmp_path, datasets_root, monkeypatch, capsys):
+    monkeypatch.setattr(tool, "evaluate", fake_clustering_evaluate(
+        tool, fake_runs, lambda method, seed: {"base": 20.0, "eat": 30.0 + seed}[method]))
     args = ["--method", f"base={BOT}", "--method", f"eat={EAT}", "weights_from=base",
             "--compare", "eat:base", "--seeds", "2", "--protocol", "clustering",
             "--output", str(tmp_path / "ev"), *TINY[:8], "--max-queries", "20"]  # TINY's data
@@ -381,3 +388,44 @@ def test_clustering_protocol_reaches_robust_eval_and_eat_fine_tunes_its_members(
     assert tool.main(args) == 0 and len(fake_runs["evaluate"]) == 4
     assert tool.main([a for a in args if a not in ("--protocol", "clustering")]) == 0
     assert len(fake_runs["evaluate"]) == 8 and len(fake_runs["train"]) == 4
+
+
+def test_eat3_spec_fine_tunes_at_and_eat_from_the_undefended_model_and_compares_them(
+        tool, fake_runs, tmp_path, datasets_root, monkeypatch, capsys):
+    """configs/SynthReID/evidence/eat3.yml (issue 14's "Done when") with its header's options:
+    the commands it builds (train and evaluation faked)."""
+    configs = os.path.join(REPO, "configs", "SynthReID")
+    methods, compare = tool.load_spec(EAT3)
+    assert methods == [
+        tool.Method("undefended", os.path.join(configs, "bagtricks_R18.yml"), []),
+        tool.Method("at", os.path.join(configs, "at_R18.yml"), [], "undefended"),
+        tool.Method("eat", os.path.join(configs, "eat_R18.yml"), [], "undefended")]
+    assert compare == ["eat:at", "at:undefended"]
+    monkeypatch.setattr(tool, "evaluate", fake_clustering_evaluate(
+        tool, fake_runs, lambda method, seed: {"undefended": 5.0, "at": 20.0, "eat": 30.0}[method]
+        + seed))
+    out = tmp_path / "ev"
+    assert tool.main(["--spec", EAT3, "--protocol", "clustering", "--seeds", "3", "--output",
+                      str(out), *TINY[:8]]) == 0  # TINY's data
+    capsys.readouterr()
+    trains = {(opt(a, "OUTPUT_DIR").split(os.sep)[-2], int(opt(a, "ROBUSTREID.SEED"))): a
+              for a in fake_runs["train"]}
+    assert len(fake_runs["train"]) == len(trains) == 9
+    for seed in range(3):
+        undefended = str(out / "undefended" / f"seed{seed}" / "model_final.pth")
+        for method, config, starts in (("undefended", "bagtricks_R18.yml", None),
+                                       ("at", "at_R18.yml", "MODEL.WEIGHTS"),
+                                       ("eat", "eat_R18.yml", "EAT.MEMBER_WEIGHTS")):
+            argv = trains[method, seed]
+            assert opt(argv, "--config-file") == os.path.join(configs, config)
+            for key in ("MODEL.WEIGHTS", "EAT.MEMBER_WEIGHTS"):  # the source of the same seed
+                assert (opt(argv, key) if key in argv else None) == \
+                    (undefended if key == starts else None), (method, seed, key)
+    assert len(fake_runs["evaluate"]) == 9
+    assert all([opt(argv, k) for k in ("--protocol", "--attacks", "--eps", "--steps")] ==
+               ["clustering", "SMA", "8", "10"] for argv in fake_runs["evaluate"])
+    results = json.loads((out / "results.json").read_text())
+    nmi = {(d["a"], d["b"]): d["differences"] for d in results["summary"]["differences"]
+           if d["metric"] == "PGD-10 8/255 NMI"}
+    assert nmi == {("eat", "at"): [10.0] * 3, ("at", "undefended"): [15.0] * 3}
+    assert {d["metric"] for d in results["summary"]["differences"]} >= {"PGD-10 8/255 R@1"}

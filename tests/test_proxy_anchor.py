@@ -1,6 +1,7 @@
 """Proxy-Anchor loss (EAT's metric loss): pml's value against a hand computation of the equation,
 the model's loss dict, the proxies' learning rate, the backbone warm-up (also across --resume), the
-proxies in checkpoints, and the config checks."""
+proxies in checkpoints, and the config checks; the rate and the warm-up also for every member of an
+EAT ensemble."""
 import math
 
 import pytest
@@ -18,6 +19,10 @@ PA = ("MODEL.META_ARCHITECTURE", "RobustBaseline",
       "MODEL.LOSSES.NAME", "('CrossEntropyLoss', 'TripletLoss', 'ProxyAnchorLoss')")
 WITHOUT_PA = ("MODEL.META_ARCHITECTURE", "RobustBaseline",
               "MODEL.LOSSES.NAME", "('CrossEntropyLoss', 'TripletLoss')")
+# an EAT ensemble of two RobustBaseline members with the loss (one PGD step: cheap)
+EAT_PA = (*PA, "MODEL.META_ARCHITECTURE", "EnsembleReID", "EAT.ENABLED", "True", "EAT.MEMBERS", "2",
+          "EAT.STEPS", "1")
+MEMBERS = ("members.0.", "members.1.")
 
 
 def proxy_anchor_by_hand(embeddings, labels, proxies, alpha, delta):
@@ -110,28 +115,34 @@ def test_model_adds_loss_proxy_anchor_on_the_features_and_nothing_else(head, tmp
         assert trained.grad is not None and trained.grad.abs().sum() > 0
 
 
-def test_proxies_learn_at_100_times_base_lr_under_every_scheduler(tmp_path):
-    from robustreid.engine import RobustTrainer
+@pytest.mark.parametrize("opts, models", [(PA, ("",)), (EAT_PA, MEMBERS)],
+                         ids=["single", "ensemble"])
+def test_proxies_learn_at_100_times_base_lr_under_every_scheduler(opts, models, tmp_path):
+    from robustreid.engine import RobustTrainer, preflight
 
-    cfg = make_tiny_cfg(tmp_path, *PA, "MODEL.HEADS.NUM_CLASSES", "6", "SOLVER.WARMUP_ITERS", "4")
+    cfg = make_tiny_cfg(tmp_path, *opts, "MODEL.HEADS.NUM_CLASSES", "6", "SOLVER.WARMUP_ITERS", "4")
+    preflight(cfg)  # an ensemble of RobustBaselines builds the loss: accepted
     model = RobustTrainer.build_model(cfg)
     optimizer, _ = RobustTrainer.build_optimizer(cfg, model)
     schedulers = RobustTrainer.build_lr_scheduler(cfg, optimizer, 3)
+    params = dict(model.named_parameters())
 
-    def group_of(param):
-        return next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    def group_of(name):
+        return next(g for g in optimizer.param_groups if any(p is params[name] for p in g["params"]))
 
-    proxies, conv = group_of(model.proxy_anchor.proxies), group_of(model.backbone.conv1.weight)
-    assert proxies["initial_lr"] == pytest.approx(cfg.SOLVER.BASE_LR * 100)
+    # every model's proxies (each member's own), against a backbone weight
+    proxies = [group_of(f"{m}proxy_anchor.loss.proxies") for m in models]
+    conv = group_of(f"{models[0]}backbone.conv1.weight")
+    assert [g["initial_lr"] for g in proxies] == pytest.approx([cfg.SOLVER.BASE_LR * 100] * len(models))
     rates = []
     for _epoch in range(3):  # fastreid's hook: warm-up per iteration, main schedule per epoch
         for _ in range(3):
-            rates.append((proxies["lr"], conv["lr"]))
+            rates.append(([g["lr"] for g in proxies], conv["lr"]))
             optimizer.step()  # no gradients: changes nothing; as in training, before the schedulers
             schedulers["warmup_sched"].step()
         schedulers["lr_sched"].step()
     assert len({conv_lr for _, conv_lr in rates}) > 2  # warm-up and step decay both changed it
-    assert all(p == pytest.approx(100 * c) for p, c in rates)
+    assert all(p == pytest.approx(100 * c) for ps, c in rates for p in ps)
 
 
 class Snapshots(HookBase):
@@ -146,7 +157,8 @@ class Snapshots(HookBase):
         self.params.append({k: v.detach().clone() for k, v in model.named_parameters()
                             if k in self.trainable})
         state = self.trainer.optimizer.state
-        self.stateful.append([len(state[p]) > 0 for p in model.backbone.parameters()])
+        self.stateful.append([len(state[p]) > 0 for k, p in model.named_parameters()
+                              if "backbone." in k])
 
     def before_train(self):
         self.trainable = {k for k, v in self.trainer.model.named_parameters() if v.requires_grad}
@@ -173,16 +185,22 @@ def trainer(cfg, resume=False, hooks=()):
     return built
 
 
-def test_backbone_is_frozen_in_the_warmup_epoch_and_trains_after_it(tmp_path, datasets_root):
+@pytest.mark.parametrize("opts, models", [(PA, ("",)), (EAT_PA, MEMBERS)],
+                         ids=["single", "ensemble"])
+def test_backbone_is_frozen_in_the_warmup_epoch_and_trains_after_it(opts, models, tmp_path,
+                                                                    datasets_root):
     snapshots = Snapshots()
-    run = trainer(make_tiny_cfg(tmp_path, *PA, "TEST.EVAL_PERIOD", "100",
+    run = trainer(make_tiny_cfg(tmp_path, *opts, "TEST.EVAL_PERIOD", "100",
                                 "MODEL.LOSSES.PA.WARMUP_EPOCHS", "1"), hooks=[snapshots])
     run.train()
     start, warmed, trained = snapshots.params
-    assert not any(moved(start, warmed, "backbone."))
-    assert all(moved(start, warmed, "heads.")) and all(moved(start, warmed, "proxy_anchor."))
-    assert not any(snapshots.stateful[1])  # no Adam moments or steps for the frozen backbone
-    assert all(moved(warmed, trained, "backbone."))
+    for m in models:  # every member's backbone
+        assert not any(moved(start, warmed, f"{m}backbone."))
+        assert all(moved(start, warmed, f"{m}heads.")) and all(moved(start, warmed,
+                                                                     f"{m}proxy_anchor."))
+        assert all(moved(warmed, trained, f"{m}backbone."))
+    assert len(snapshots.stateful[1]) > 0 and not any(snapshots.stateful[1])  # no Adam moments or
+    # steps for a frozen backbone
     # released after training: trainable as built
     assert {k for k, p in run.model.named_parameters() if p.requires_grad} == snapshots.trainable
 
@@ -239,7 +257,9 @@ def test_checkpointer_saves_and_restores_the_proxies(tmp_path):
     (("MODEL.LOSSES.PA.ALPHA", "0.0"), "MODEL.LOSSES.PA.ALPHA"),
     (("MODEL.LOSSES.PA.LR_MULTIPLIER", "0.0"), "MODEL.LOSSES.PA.LR_MULTIPLIER"),
     (("MODEL.LOSSES.PA.WARMUP_EPOCHS", "-1"), "MODEL.LOSSES.PA.WARMUP_EPOCHS"),
-    (("MODEL.META_ARCHITECTURE", "Baseline"), "MODEL.META_ARCHITECTURE"),
+    (("MODEL.META_ARCHITECTURE", "Baseline"), "needs MODEL.META_ARCHITECTURE RobustBaseline"),
+    (EAT_PA[len(PA):] + ("EAT.MEMBER_ARCHITECTURE", "Baseline"),
+     "needs EAT.MEMBER_ARCHITECTURE RobustBaseline .* got 'Baseline'"),
 ])
 def test_bad_values_stop_the_run_before_training_naming_the_key(opts, key, tmp_path):
     from robustreid.config import ConfigError

@@ -1,14 +1,16 @@
-"""tools/reproduce_eat.py: the plan of a table (dry run), and the skip / resume rules on fake run
-directories with the steps stubbed (no training: the DML datasets and robust_eval's clustering
-protocol live on other branches)."""
+"""tools/reproduce_eat.py: the plan of a table (dry run), the skip / resume rules on fake run
+directories with the steps stubbed, and the reading of robust_eval's clustering report as its real
+writer writes it."""
 import json
 import os
 import shlex
 import sys
 
+import pytest
+
 import reproduce_common
 import reproduce_eat
-from conftest import REPO
+from conftest import REPO, make_tiny_cfg
 
 MNV2 = "MobileNetV2=/weights/mobilenet_v2.pth"
 ATTACK = ["--protocol", "clustering", "--attacks", "SMA", "--eps", "8", "--steps", "10"]
@@ -32,8 +34,7 @@ def test_dry_run_lists_table_3s_runs_and_commands(tmp_path, capsys):
     evals = [shlex.split(line.split(": ", 1)[1]) for line in lines if line.startswith("  evaluate:")]
     assert len(trains) == len(evals) == 3
     out = tmp_path / "CUB200" / "MobileNetV2" / "eat"
-    opts = ["DATASETS.NAMES", '("CUB200",)', "DATASETS.TESTS", '("CUB200",)',
-            "MODEL.BACKBONE.PRETRAIN_PATH", "/weights/mobilenet_v2.pth",
+    opts = ["MODEL.BACKBONE.PRETRAIN_PATH", "/weights/mobilenet_v2.pth",  # the config's datasets
             "SOLVER.IMS_PER_BATCH", "120", "OUTPUT_DIR", str(out)]
     config = os.path.join(REPO, "configs", "EAT", "CUB200_MobileNetV2", "eat.yml")
     assert trains[2] == [sys.executable, os.path.join(REPO, "tools", "train_net.py"),
@@ -116,11 +117,11 @@ def test_finished_steps_are_skipped_and_an_interrupted_training_resumes(tmp_path
     assert "--resume" in commands[1]
     # ours (paper) in the paper's layout, Clean and PGD-10 lines per method
     assert "| CUB200 | MobileNetV2 | eat | PGD-10 | 38.00 (38.02) | 4.00 (4.84) | 24.00 (24.02) | " \
-           "47.00 (47.49) |" in lines
+           "47.00 (47.49) | — |" in lines
     assert "| CUB200 | MobileNetV2 | eat_no_split | Clean | 56.00 (59.28) | 4.00 (21.25) | " \
-           "24.00 (54.49) | 47.00 (82.02) |" in lines
+           "24.00 (54.49) | 47.00 (82.02) |  |" in lines
     assert "| CUB200 | MobileNetV2 | naive_ensemble | PGD-10 | 34.00 (34.76) | 4.00 (3.26) | " \
-           "24.00 (17.91) | 47.00 (40.91) |" in lines
+           "24.00 (17.91) | 47.00 (40.91) | — |" in lines
 
     commands.clear()  # everything done now: a rerun runs nothing
     assert run_tool(capsys, *args)[0] == 0 and commands == []
@@ -134,5 +135,72 @@ def test_table_2_prints_a_question_mark_for_the_missing_paper_numbers(tmp_path, 
     runs, rows = reproduce_eat.build_plan(args, tables)
     reproduce_eat.print_tables(runs, rows)
     lines = capsys.readouterr().out.splitlines()
-    assert "| CUB200 | BNInception | eat | Clean | — (?) | — (?) | — (?) | — (?) | — (?) | — (?) |" \
+    assert "| CUB200 | BNInception | eat | Clean | — (?) | — (?) | — (?) | — (?) | — (?) | — (?) |  |" \
         in lines
+    assert "| CUB200 | BNInception | eat | PGD-10 | — (?) | — (?) | — (?) | — (?) | — (?) | — (?) | — |" \
+        in lines
+
+
+def test_rows_run_on_their_configs_datasets_unless_mapped(tmp_path):
+    """In-Shop's rows test on InShopQuery (their config's, the paper's test set): the tool sets no
+    dataset unless --dataset-map maps the row's, then training and test both use the mapped one."""
+    def eval_opts(*extra):
+        args = reproduce_eat.parse_args(["--tables", "table-1,table-4", "--methods", "eat",
+                                         "--output", str(tmp_path), *extra,
+                                         "MODEL.BACKBONE.PRETRAIN", "False"])
+        tables = reproduce_eat.select_tables(reproduce_eat.load_tables(reproduce_eat.PAPER_RESULTS),
+                                             args.tables)
+        runs, _ = reproduce_eat.build_plan(args, tables)
+        return {key[0]: run.eval_command() for key, run in runs.items()}
+
+    commands = eval_opts()
+    assert sorted(commands) == ["CARS196", "CUB200", "InShop"]
+    assert not any("DATASETS.TESTS" in c or "DATASETS.NAMES" in c for c in commands.values())
+    mapped = eval_opts("--dataset-map", "InShop=MyInShop")
+    assert mapped["InShop"][-8:-4] == ["DATASETS.TESTS", '("MyInShop",)', "MODEL.BACKBONE.PRETRAIN",
+                                       "False"]
+    assert mapped["InShop"][-10:-8] == ["DATASETS.NAMES", '("MyInShop",)']
+    assert "DATASETS.TESTS" not in mapped["CUB200"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_results_are_read_from_robust_evals_clustering_report(tmp_path, datasets_root, capsys,
+                                                             monkeypatch):
+    """results.json written by robust_eval --protocol clustering itself (a tiny model on
+    SynthReIDTiny, the eval options of the tool's command; the scores made up), read back."""
+    import torch
+    from fastreid.modeling.meta_arch import build_model
+
+    import robust_eval
+    from robustreid.evaluation import robust_clustering
+
+    args = reproduce_eat.parse_args(["--tables", "table-3", "--methods", "eat", "--output",
+                                     str(tmp_path / "repro"), "MODEL.BACKBONE.PRETRAIN", "False"])
+    tables = reproduce_eat.select_tables(reproduce_eat.load_tables(reproduce_eat.PAPER_RESULTS),
+                                         args.tables)
+    runs, rows = reproduce_eat.build_plan(args, tables)
+    run = runs[("CUB200", "MobileNetV2", "eat")]
+    weights = tmp_path / "model.pth"
+    torch.save({"model": build_model(make_tiny_cfg(tmp_path)).state_dict()}, weights)
+    scores = iter([{"NMI": 60.0, "F1": 20.0, "R@1": 50.0, "R@8": 80.0},   # clean, then PGD-10
+                   {"NMI": 30.0, "F1": 5.0, "R@1": 25.0, "R@8": 40.0}])
+    monkeypatch.setattr(robust_clustering, "score_clustering", lambda cfg, f, labels: next(scores))
+    command = run.eval_command()
+    eval_options = command[command.index("--protocol"):command.index("--output") + 2]
+    assert robust_eval.main([
+        "--config-file", os.path.join(REPO, "configs", "SynthReID", "bagtricks_R18.yml"),
+        *eval_options, "--max-queries", "20", "DATASETS.TESTS", "('SynthReIDTiny',)",
+        "INPUT.SIZE_TEST", "[64,32]", "DATALOADER.NUM_WORKERS", "0",
+        "TEST.CLUSTERING.RECALL_KS", "(1, 8)", "MODEL.WEIGHTS", str(weights)]) == 0
+    capsys.readouterr()
+    ours = reproduce_eat.read_results(run)
+    assert ours["Clean"] == {"NMI": 60.0, "F1": 20.0, "R@1": 50.0, "R@8": 80.0}
+    assert {k: ours["PGD-10"][k] for k in ("NMI", "F1", "R@1", "R@8")} == \
+        {"NMI": 30.0, "F1": 5.0, "R@1": 25.0, "R@8": 40.0}
+    assert ours["PGD-10"]["ERS"] == pytest.approx((50 + 25 + 50 + 50) / 4)
+    reproduce_eat.print_tables(runs, rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert "| CUB200 | MobileNetV2 | eat | PGD-10 | 30.00 (38.02) | 5.00 (4.84) | 25.00 (24.02) | " \
+           "40.00 (47.49) | 43.75 |" in lines
+    assert "| CUB200 | MobileNetV2 | eat | Clean | 60.00 (56.91) | 20.00 (19.28) | 50.00 (52.78) | " \
+           "80.00 (80.48) |  |" in lines

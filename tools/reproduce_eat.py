@@ -17,6 +17,11 @@ Deep Metric Learning"). Each row (dataset, backbone, method) is
   NMI, F1 and Recall@k clean and under white-box PGD-10 at 8/255 on every test sample
   (CLUSTERING_EVAL).
 
+Each row runs on the datasets its config names (In-Shop: trains on InShop, tests on InShopQuery, the
+paper's query-only test set); --dataset-map NAME=REGISTERED trains and tests NAME's rows on another
+registered dataset instead. Next to the paper's columns, the PGD-10 line gets our ERS-style summary
+(robust_eval's; the paper reports none).
+
 Table 3's "EAT w/ Data Split" is Table 1's CUB200 PAL + EAT row: one run serves both. Runs are
 skipped when done (model_final.pth; results.json of the same command), so an interrupted
 reproduction continues where it stopped: training resumes from its last checkpoint. Table 2's
@@ -123,8 +128,8 @@ def build_plan(args, tables):
             if not os.path.isfile(config):
                 raise ReproduceError(f"no config {os.path.relpath(config, REPO)} for {table['id']} "
                                      f"row {' / '.join(key)}")
-            data = datasets.get(row["dataset"], row["dataset"])
-            opts = ["DATASETS.NAMES", f'("{data}",)', "DATASETS.TESTS", f'("{data}",)']
+            data = datasets.get(row["dataset"])  # else the config's (InShop tests on InShopQuery)
+            opts = ["DATASETS.NAMES", f'("{data}",)', "DATASETS.TESTS", f'("{data}",)'] if data else []
             if row["backbone"] in weights:
                 opts += ["MODEL.BACKBONE.PRETRAIN_PATH", weights[row["backbone"]]]
             elif not sets_pretrain(args.opts):
@@ -145,9 +150,10 @@ def build_plan(args, tables):
 def read_results(run):
     """{"Clean": metrics, ATTACKED_MODE: metrics} of a run's evaluation ({} before it ran).
 
-    Reads tools/robust_eval.py's report as its retrieval protocol writes it: the test set's entry
-    ``datasets[0]`` with ``clean`` and one ``cells`` entry per attack, metrics under the
-    ClusteringEvaluator's names (NMI, F1, R@k) in percent."""
+    Reads the results.json of tools/robust_eval.py --protocol clustering
+    (robustreid/evaluation/robust_clustering.py): the test set's entry ``datasets[0]`` with
+    ``clean`` and one ``cells`` entry per PGD setting (``attack``, ``eps``, ``steps``), metrics
+    under the ClusteringEvaluator's names (NMI, F1, R@k) in percent, attacked cells also ``ERS``."""
     path = os.path.join(run.eval_out, "results.json")
     if not os.path.isfile(path):
         return {}
@@ -165,23 +171,27 @@ def cell(value):
 
 def print_tables(runs, rows):
     """Each table in the paper's layout (a Clean and a PGD-10 line per method), every cell
-    "ours (paper)" in percent; "?" where the paper's number is not in its text."""
+    "ours (paper)" in percent; "?" where the paper's number is not in its text; then our
+    ERS-style summary on the PGD-10 line (the paper has none)."""
     by_table = {}
     for table, row in rows:
         by_table.setdefault(table["id"], (table, []))[1].append(row)
     for table, table_rows in by_table.values():
         columns = table["columns"]
         print(f"\n### {table['id']}: {table['title']}\nours (paper), %\n")
-        print("| Dataset | Backbone | Method | Mode | " + " | ".join(columns) + " |")
-        print("|---|---|---|---|" + "---|" * len(columns))
+        print("| Dataset | Backbone | Method | Mode | " + " | ".join(columns) + " | ERS* |")
+        print("|---|---|---|---|" + "---|" * (len(columns) + 1))
         for row in table_rows:
             ours = read_results(runs[(row["dataset"], row["backbone"], row["method"])])
             for mode in table["modes"]:
                 paper = row["values"][mode]
                 cells = [f"{cell(ours.get(mode, {}).get(c))} "
                          f"({'?' if paper[c] is None else cell(paper[c])})" for c in columns]
+                ers = cell(ours.get(mode, {}).get("ERS")) if mode == ATTACKED_MODE else ""
                 print(f"| {row['dataset']} | {row['backbone']} | {row['method']} | {mode} | "
-                      + " | ".join(cells) + " |")
+                      + " | ".join(cells) + f" | {ers} |")
+        print("\n*ERS-style summary (ours, robust_eval's): the mean over NMI, F1 and every R@k "
+              "evaluated of 100 x attacked / clean; not in the paper.")
 
 
 def main(argv=None):

@@ -96,7 +96,8 @@ def add_robustreid_config(cfg):
 
     # Proxy-Anchor loss (Kim et al., CVPR 2020; EAT's metric loss): "ProxyAnchorLoss" in
     # MODEL.LOSSES.NAME, on outputs["features"], one proxy per class (MODEL.HEADS.NUM_CLASSES);
-    # needs MODEL.META_ARCHITECTURE RobustBaseline (robustreid.modeling.losses.proxy_anchor).
+    # needs MODEL.META_ARCHITECTURE RobustBaseline, or EnsembleReID with EAT.MEMBER_ARCHITECTURE
+    # RobustBaseline (robustreid.modeling.losses.proxy_anchor).
     # Defaults: the authors' code (tjddus9597/Proxy-Anchor-CVPR2020 code/train.py, README).
     cfg.MODEL.LOSSES.PA = CN()
     cfg.MODEL.LOSSES.PA.MARGIN = 0.1           # delta (--mrg 0.1)

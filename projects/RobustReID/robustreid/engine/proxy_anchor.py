@@ -1,6 +1,8 @@
 """Proxy-Anchor's training schedule (the authors' code/train.py, tjddus9597/Proxy-Anchor-CVPR2020):
 the proxies learn at MODEL.LOSSES.PA.LR_MULTIPLIER x the network's rate, and for the first
-WARMUP_EPOCHS epochs the backbone is frozen, so only the new layers (heads, proxies) train.
+WARMUP_EPOCHS epochs the backbone is frozen, so only the new layers (heads, proxies) train. Both
+apply to every single model of the trained model: the model itself, or each member of an EAT
+ensemble (``single_models``), each with its own backbone and proxies.
 
 The warm-up switches ``requires_grad`` off on the backbone's parameters, as the authors do. They get
 no gradient, and torch's optimizers skip parameters without one: no update, no weight decay, no
@@ -21,7 +23,7 @@ import logging
 from fastreid.engine.hooks import HookBase
 
 from ..modeling.losses.proxy_anchor import proxy_anchor_enabled
-from ..parallel import unwrap
+from ..modeling.meta_arch.ensemble import single_models
 
 logger = logging.getLogger(__name__)
 
@@ -32,20 +34,21 @@ def warmup_epochs(cfg):
 
 
 def set_proxy_lr(cfg, optimizer, model):
-    """The proxies' parameter group at SOLVER.BASE_LR x LR_MULTIPLIER. Call it before the LR
-    schedulers are built: they scale every group from the rate it has then."""
-    proxy_anchor = getattr(unwrap(model), "proxy_anchor", None)
-    if proxy_anchor is None:
-        return
-    groups = [g for g in optimizer.param_groups
-              if any(p is proxy_anchor.proxies for p in g["params"])]
-    # fastreid's get_default_optimizer_params gives every parameter a group of its own
-    assert len(groups) == 1 and len(groups[0]["params"]) == 1, "proxies share a parameter group"
-    groups[0]["lr"] = cfg.SOLVER.BASE_LR * cfg.MODEL.LOSSES.PA.LR_MULTIPLIER
+    """Every proxies' parameter group (one per single model with the loss) at SOLVER.BASE_LR x
+    LR_MULTIPLIER. Call it before the LR schedulers are built: they scale every group from the rate
+    it has then."""
+    for proxy_anchor in (m.proxy_anchor for m in single_models(model)
+                         if getattr(m, "proxy_anchor", None) is not None):
+        groups = [g for g in optimizer.param_groups
+                  if any(p is proxy_anchor.proxies for p in g["params"])]
+        # fastreid's get_default_optimizer_params gives every parameter a group of its own
+        assert len(groups) == 1 and len(groups[0]["params"]) == 1, "proxies share a parameter group"
+        groups[0]["lr"] = cfg.SOLVER.BASE_LR * cfg.MODEL.LOSSES.PA.LR_MULTIPLIER
 
 
 class BackboneWarmup(HookBase):
-    """Freezes the backbone's trainable parameters in epochs [0, epochs), releases them after."""
+    """Freezes the trainable parameters of every single model's backbone in epochs [0, epochs),
+    releases them after."""
 
     def __init__(self, epochs):
         self.epochs = epochs
@@ -54,15 +57,15 @@ class BackboneWarmup(HookBase):
     def before_epoch(self):
         warming = self.trainer.epoch < self.epochs
         if warming and not self._frozen:
-            backbone = unwrap(self.trainer.model).backbone
-            self._frozen = [p for p in backbone.parameters() if p.requires_grad]
+            self._frozen = [p for m in single_models(self.trainer.model)
+                            for p in m.backbone.parameters() if p.requires_grad]
             for p in self._frozen:
                 p.requires_grad_(False)
                 p.grad = None
-            logger.info("Proxy-Anchor warm-up: backbone frozen until epoch %d", self.epochs)
+            logger.info("Proxy-Anchor warm-up: backbone(s) frozen until epoch %d", self.epochs)
         elif not warming and self._frozen:
             self._release()
-            logger.info("Proxy-Anchor warm-up over: the backbone trains")
+            logger.info("Proxy-Anchor warm-up over: the backbone(s) train")
 
     def after_train(self):  # also after a run stopped early: leave the model as it was built
         self._release()

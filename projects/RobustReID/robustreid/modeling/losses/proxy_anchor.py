@@ -40,10 +40,13 @@ def check_proxy_anchor_config(cfg):
     training set after this check; the loss refuses it when it is computed."""
     if not proxy_anchor_enabled(cfg):
         return
-    if cfg.MODEL.META_ARCHITECTURE != "RobustBaseline":
-        raise ConfigError(f"MODEL.LOSSES.NAME {LOSS_NAME} needs MODEL.META_ARCHITECTURE "
-                          f"RobustBaseline (fastreid's Baseline ignores it), got "
-                          f"{cfg.MODEL.META_ARCHITECTURE!r}")
+    # in an EAT ensemble the members compute the losses: their architecture must build this one
+    key, architecture = (("EAT.MEMBER_ARCHITECTURE", cfg.EAT.MEMBER_ARCHITECTURE)
+                         if cfg.MODEL.META_ARCHITECTURE == "EnsembleReID" else
+                         ("MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE))
+    if architecture != "RobustBaseline":
+        raise ConfigError(f"MODEL.LOSSES.NAME {LOSS_NAME} needs {key} RobustBaseline "
+                          f"(fastreid's Baseline ignores it), got {architecture!r}")
     pa = cfg.MODEL.LOSSES.PA
     for key, bad, must in (("MARGIN", pa.MARGIN < 0, ">= 0"), ("ALPHA", pa.ALPHA <= 0, "> 0"),
                            ("LR_MULTIPLIER", pa.LR_MULTIPLIER <= 0, "> 0"),

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from fastreid.config import configurable
 from fastreid.modeling.meta_arch.build import META_ARCH_REGISTRY, build_model
 
+from ...parallel import unwrap
+
 INFERENCE_MODES = ("vote", "mean", "concat")
 REDUCTIONS = ("concat", "mean")
 
@@ -106,6 +108,13 @@ def build_members(cfg):
             torch.manual_seed(member_seed(seed, index))
             members.append(build_model(member_cfg))
     return members
+
+
+def single_models(model):
+    """The single-model meta-architectures ``model`` is made of, each with its own backbone (and
+    losses): an EnsembleReID's members, or the model itself; DistributedDataParallel unwrapped."""
+    model = unwrap(model)
+    return list(model.members) if isinstance(model, EnsembleReID) else [model]
 
 
 @META_ARCH_REGISTRY.register()
