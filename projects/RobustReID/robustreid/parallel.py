@@ -1,6 +1,9 @@
 """Multi-process helpers usable from every layer: the module under DistributedDataParallel (for
 code that must bypass DDP's wrapper: attack forwards, functional meta steps, reading a model's extra
-parts) and the rows of a batch from every process (for state that must see the whole batch)."""
+parts), the rows of a batch from every process (for state that must see the whole batch) and an
+evaluator's per-batch records on the main process."""
+import itertools
+
 import torch
 import torch.distributed as dist
 from fastreid.utils import comm
@@ -31,3 +34,13 @@ def all_gather_rows(*tensors):
         dist.all_gather(parts, padded)
         gathered.append(torch.cat([part[:n] for part, n in zip(parts, counts)]))
     return tuple(gathered)
+
+
+def gather_on_main(records):
+    """Every process's list of ``records`` concatenated in rank order on the main process, None on
+    the others (an evaluator's per-batch predictions); the list itself with one process."""
+    if comm.get_world_size() == 1:
+        return records
+    comm.synchronize()
+    gathered = comm.gather(records, dst=0)
+    return list(itertools.chain(*gathered)) if comm.is_main_process() else None

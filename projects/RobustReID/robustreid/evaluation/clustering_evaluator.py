@@ -22,9 +22,9 @@ from collections import OrderedDict
 import numpy as np
 import torch
 from fastreid.evaluation.evaluator import DatasetEvaluator
-from fastreid.utils import comm
 
 from ..config import ConfigError, _positive_int
+from ..parallel import gather_on_main
 from .clustering import INFERENCES, clustering_report
 from .faiss_evaluator import _faiss_options
 
@@ -114,17 +114,8 @@ class ClusteringEvaluator(DatasetEvaluator):
             "paths": list(inputs.get("img_paths", ())),
         })
 
-    def _gathered_predictions(self):
-        if comm.get_world_size() > 1:
-            comm.synchronize()
-            predictions = comm.gather(self._predictions, dst=0)
-            if not comm.is_main_process():
-                return None
-            return list(itertools.chain(*predictions))
-        return self._predictions
-
     def evaluate(self):
-        predictions = self._gathered_predictions()
+        predictions = gather_on_main(self._predictions)
         if predictions is None:  # non-main rank in distributed evaluation
             return {}
         features = torch.cat([p["feats"] for p in predictions], dim=0)

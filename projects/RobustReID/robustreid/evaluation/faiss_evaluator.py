@@ -11,7 +11,6 @@ same result keys and scaling).  Differences:
 * ``TEST.ROC`` is not supported: a warning is logged and the TPR@FPR keys are left out.
 """
 import copy
-import itertools
 import logging
 from collections import OrderedDict
 
@@ -20,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from fastreid.evaluation.evaluator import DatasetEvaluator
 from fastreid.evaluation.query_expansion import aqe
-from fastreid.utils import comm
 
+from ..parallel import gather_on_main
 from .ranking import evaluate_rank_from_distances, evaluate_rank_from_features
 from .rerank import rerank_distance
 from .retrieval import ExactRetriever
@@ -59,17 +58,8 @@ class FaissReidEvaluator(DatasetEvaluator):
             "camids": inputs["camids"].to(self._cpu_device),
         })
 
-    def _gathered_predictions(self):
-        if comm.get_world_size() > 1:
-            comm.synchronize()
-            predictions = comm.gather(self._predictions, dst=0)
-            if not comm.is_main_process():
-                return None
-            return list(itertools.chain(*predictions))
-        return self._predictions
-
     def evaluate(self):
-        predictions = self._gathered_predictions()
+        predictions = gather_on_main(self._predictions)
         if predictions is None:  # non-main rank in distributed evaluation
             return {}
 
