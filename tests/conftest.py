@@ -1,4 +1,5 @@
 """Shared fixtures: a private datasets root and a tiny CPU config."""
+import importlib.util
 import os
 
 import pytest
@@ -20,6 +21,15 @@ def datasets_root(tmp_path_factory):
     data_build._root = root
     yield root
     data_build._root = previous
+
+
+def load_tool(name):
+    """tools/<name>.py as a module (tools import their siblings: pytest.ini puts tools/ on sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_tool",
+                                                  os.path.join(REPO, "tools", f"{name}.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
 
 
 def make_tiny_cfg(output_dir, *opts):

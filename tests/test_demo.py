@@ -1,15 +1,5 @@
 """tools/demo.py's verdict on the papers' orderings (the demo itself takes ~15 CPU minutes)."""
-import importlib.util
-import os
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_demo():
-    spec = importlib.util.spec_from_file_location("demo_tool", os.path.join(REPO, "tools", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_tool
 
 
 def report(**maps):
@@ -17,7 +7,7 @@ def report(**maps):
 
 
 def test_orderings_say_which_claim_holds_cell_by_cell():
-    demo = load_demo()
+    demo = load_tool("demo")
     lines = demo.ordering_lines({
         "undefended": report(FNA=4.6, SMA=30.7, IFGSM=3.2),
         "metric_at": report(FNA=38.9, SMA=60.4, IFGSM=27.0),
@@ -30,7 +20,7 @@ def test_orderings_say_which_claim_holds_cell_by_cell():
 
 
 def test_one_failing_attack_fails_the_claim_and_missing_stages_are_skipped():
-    demo = load_demo()
+    demo = load_tool("demo")
     lines = demo.ordering_lines({"undefended": report(FNA=4.6, SMA=61.0, IFGSM=3.2),
                                  "metric_at": report(FNA=38.9, SMA=60.4, IFGSM=27.0)})
     assert len(lines) == 1 and "NOT reproduced" in lines[0] and "SMA 60.4 vs 61.0" in lines[0]

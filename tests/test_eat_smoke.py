@@ -2,7 +2,6 @@
 members, one PGD step in training): a configs/EAT row of the EAT method, through its _BASE_ list,
 trains and robust_eval --protocol clustering evaluates it; tools/reproduce_eat.py does both for a
 table row and prints ours next to the paper's numbers."""
-import importlib.util
 import json
 import os
 import re
@@ -10,7 +9,7 @@ import re
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, load_tool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,14 +36,6 @@ def cub200(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTREID_DATASETS", root)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return root
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_smoke", os.path.join(REPO, "tools",
-                                                                              f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_an_eat_row_trains_and_robust_eval_clusters_it(cub200, tmp_path, capsys):

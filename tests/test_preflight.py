@@ -1,12 +1,11 @@
 """Bad inputs stop before training with one "error: ..." line: sampler preconditions (hangs before),
 config values, output directory, device, ImageNet download, the tools' arguments; and fastreid's
 metric printer on runs of at most 2 iterations."""
-import importlib.util
 import os
 
 import pytest
 
-from conftest import REPO, make_tiny_cfg
+from conftest import REPO, load_tool, make_tiny_cfg
 
 CONFIG = os.path.join(REPO, "configs", "SynthReID", "bagtricks_R18.yml")
 # make_tiny_cfg's settings as command-line options (SynthReIDTiny: 60 training images, 12 ids)
@@ -15,14 +14,6 @@ TINY_OPTS = ["DATASETS.NAMES", "('SynthReIDTiny',)", "DATASETS.TESTS", "('SynthR
              "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "16",
              "TEST.IMS_PER_BATCH", "32", "SOLVER.MAX_EPOCH", "1", "SOLVER.WARMUP_ITERS", "2",
              "SOLVER.STEPS", "[1]"]
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool",
-                                                  os.path.join(REPO, "tools", f"{name}.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
 
 
 def error_lines(stderr):

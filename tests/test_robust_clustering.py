@@ -3,7 +3,6 @@ PGD on L(F(x_adv), F(x)), NMI/F1/R@k clean and attacked, the mean-embedding surr
 ensemble, the ERS-style summary, the ensemble's clustering inference, and the tool's options.
 Random-init tiny models: on SynthReIDTiny they already cluster far above chance (R@1 ~80, chance
 ~12), which is the skill an attack must take away."""
-import importlib.util
 import json
 import os
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, make_tiny_cfg
+from conftest import REPO, load_tool, make_tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -249,12 +248,6 @@ def test_a_contradicting_clustering_key_is_a_config_error_naming_both(opts, mess
 
 
 # --- tools/robust_eval.py --protocol clustering --------------------------------------------------
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(REPO, "tools",
-                                                                             f"{name}.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
 
 
 @pytest.fixture(scope="module")
