@@ -3,6 +3,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 
 import pytest
 import yaml
@@ -429,3 +430,21 @@ def test_eat3_spec_fine_tunes_at_and_eat_from_the_undefended_model_and_compares_
            if d["metric"] == "PGD-10 8/255 NMI"}
     assert nmi == {("eat", "at"): [10.0] * 3, ("at", "undefended"): [15.0] * 3}
     assert {d["metric"] for d in results["summary"]["differences"]} >= {"PGD-10 8/255 R@1"}
+
+
+def test_same_configs_from_another_checkout_are_not_reevaluated(tool, fake_runs, tmp_path,
+                                                                datasets_root, capsys):
+    """A spec rerun from another worktree names the same configs by other paths: the runs (same
+    config contents, same weights) are reused, not re-evaluated."""
+    assert tool.main(methods_args(tmp_path)) == 0
+    moved = tmp_path / "checkout"
+    shutil.copytree(os.path.dirname(os.path.dirname(BOT)), moved)
+    bot, metric_at = (str(moved / os.path.relpath(p, os.path.dirname(os.path.dirname(BOT))))
+                      for p in (BOT, METRIC_AT))
+    args = ["--method", f"base={bot}", "--method", f"at={metric_at}", "weights_from=base",
+            "ADV_TRAIN.STEPS", "2", "--compare", "at:base", "--seeds", "2",
+            "--output", str(tmp_path / "ev"), *TINY]
+    capsys.readouterr()
+    assert tool.main(args) == 0
+    assert len(fake_runs["train"]) == 4 and len(fake_runs["evaluate"]) == 4
+    assert capsys.readouterr().out.count("skipped (finished earlier)") == 4

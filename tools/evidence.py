@@ -364,7 +364,9 @@ def evaluated(run, argv):
     except (ValueError, KeyError):  # cut short while being written
         return False
     recorded.setdefault("protocol", "retrieval")  # reports from before robust_eval's --protocol
-    return all(recorded.get(k) == v for k, v in eval_settings(argv).items())
+    # The config's path is not compared: check_same_training compares the config itself, and a
+    # spec run from another checkout (a worktree, a moved repo) must not re-evaluate every run.
+    return all(recorded.get(k) == v for k, v in eval_settings(argv).items() if k != "config_file")
 
 
 @contextlib.contextmanager
