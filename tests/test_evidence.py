@@ -1,4 +1,5 @@
 """tools/evidence.py: statistics over seeds, its reports, resumable runs, input checks; one tiny run."""
+import glob
 import importlib.util
 import json
 import math
@@ -448,3 +449,32 @@ def test_same_configs_from_another_checkout_are_not_reevaluated(tool, fake_runs,
     assert tool.main(args) == 0
     assert len(fake_runs["train"]) == 4 and len(fake_runs["evaluate"]) == 4
     assert capsys.readouterr().out.count("skipped (finished earlier)") == 4
+
+
+@pytest.mark.parametrize("spec", sorted(glob.glob(os.path.join(REPO, "configs", "**", "evidence",
+                                                                "*.yml"), recursive=True)),
+                         ids=lambda p: os.path.relpath(p, REPO))
+def test_every_shipped_spec_loads_and_its_overrides_exist(tool, spec):
+    """A spec in the repo names configs that exist and overrides that are config keys, and its
+    comparisons name its methods: a typo fails here, not hours into a run."""
+    from robustreid.config import load_config
+
+    methods, compare = tool.load_spec(spec)
+    methods = tool.order_methods(methods)
+    tool.parse_comparisons(compare, [m.name for m in methods], 3)
+    for m in methods:
+        load_config(m.config, m.overrides)
+
+
+def test_paper_steps_spec_differs_from_orderings_only_in_the_training_attacks_steps(tool):
+    from robustreid.config import load_config
+
+    methods = {m.name: m for m in tool.load_spec(
+        os.path.join(REPO, "configs", "SynthReID", "evidence", "paper_steps.yml"))[0]}
+    for name in ("metric_at", "dddefense"):
+        four = load_config(methods[name].config, methods[name].overrides)
+        eight = load_config(methods[f"{name}_steps8"].config, methods[f"{name}_steps8"].overrides)
+        assert (four.ADV_TRAIN.STEPS, eight.ADV_TRAIN.STEPS) == (4, 8)
+        eight.defrost()
+        eight.ADV_TRAIN.STEPS = 4
+        assert eight.dump() == four.dump()
