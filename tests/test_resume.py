@@ -116,6 +116,23 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_checkpoint(opts, tmp_path,
     assert_identical(final[0], final[1])
 
 
+def test_resumed_run_keeps_comparing_model_best_against_its_best_metric(tmp_path, datasets_root):
+    """fastreid's model_best.pth tracker (PeriodicCheckpointer.best_metric) comes back on --resume:
+    otherwise it restarts at -1 and the next evaluated model replaces model_best.pth, however bad."""
+    from fastreid.engine.hooks import PeriodicCheckpointer
+
+    opts = ("SOLVER.WARMUP_ITERS", "5", "TEST.EVAL_PERIOD", "1", "SOLVER.CHECKPOINT_PERIOD", "1")
+    out = tmp_path / "run"
+    stopped = build(make_tiny_cfg(out, *opts), stop=StopInEpoch(1))
+    with pytest.raises(KeyboardInterrupt):
+        stopped.train()
+    best = torch.load(out / "model_best.pth", weights_only=True)["metric"]
+    assert best > 0  # epoch 0 was evaluated and promoted
+    resumed = build(make_tiny_cfg(out, *opts), resume=True)
+    (periodic,) = [h for h in resumed._hooks if isinstance(h, PeriodicCheckpointer)]
+    assert periodic.best_metric == best
+
+
 def test_an_error_during_training_keeps_the_last_boundary_and_evaluates_nothing(tmp_path,
                                                                                datasets_root):
     out = tmp_path / "run"

@@ -37,7 +37,7 @@ from .dml_defenses import (build_dml_defense_phases, build_dml_defense_terms,
                            check_dml_defense_config, leaves_parameters_unused)
 from .eat import build_eat_phases, load_member_weights
 from .hooks import EpochBoundary, StepSchedulerEachEpoch, SyncBufferStats
-from .model_selection import BestMetricCheckpoint
+from .model_selection import BestMetricCheckpoint, PeriodicBestState
 from .mpsnn import MpsnnObjective, build_mpsnn_phases, check_mpsnn_config, excluding_noise_scales
 from .proxy_anchor import build_proxy_anchor_hooks, set_proxy_lr, warmup_epochs
 from .train_steps import PhasedTrainer, TrainingObjective, build_batch_phases, check_training_config
@@ -271,6 +271,9 @@ class RobustTrainer(DefaultTrainer):
         self.delay_epochs = cfg.SOLVER.DELAY_EPOCHS
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+        periodic = [h for h in self._hooks if isinstance(h, fastreid_hooks.PeriodicCheckpointer)]
+        if periodic:  # the main process only (fastreid builds it there)
+            self.checkpointer.checkpointables["periodic_best"] = PeriodicBestState(periodic[0])
 
     def extra_checkpointables(self):
         """Objects with state_dict()/load_state_dict() saved beside model/optimizer/schedulers."""

@@ -52,3 +52,19 @@ class BestMetricCheckpoint:
                 checkpointer.tag_last_checkpoint(os.path.basename(last))
             logger.info("New best %s = %.2f at epoch %d: saved model_best_robust.pth", self.key,
                         value, epoch)
+
+
+class PeriodicBestState:
+    """fastreid's PeriodicCheckpointer keeps the metric of its model_best.pth in memory only
+    (``best_metric``, -1 at start): a resumed run would replace model_best.pth with the next
+    evaluated model however bad. As a checkpointable (``periodic_best``) it is saved in every
+    checkpoint and restored by --resume."""
+
+    def __init__(self, periodic_checkpointer):
+        self.periodic = periodic_checkpointer
+
+    def state_dict(self):
+        return {"best_metric": float(self.periodic.best_metric)}
+
+    def load_state_dict(self, state):
+        self.periodic.best_metric = float(state["best_metric"])
