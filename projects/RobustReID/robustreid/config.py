@@ -219,6 +219,51 @@ def add_robustreid_config(cfg):
     add_balancing_config(cfg)  # DATASETS.BALANCED, BALANCE (DDDefense phase 1)
     add_dg_config(cfg)  # DG (BAU, ADIN), MODEL.BACKBONE.DUAL_BRANCH, MODEL.HEADS.MLP
 
+    # Denoised smoothing: a denoiser trained in front of the frozen MODEL.WEIGHTS model
+    # (tools/train_denoiser.py, engine/denoiser_training.py). Defaults: the thesis's chapter 6
+    # (ZO-RUDS / ZO-AE-RUDS; "6.4" is its Implementation Details). [INF]: the thesis leaves it open.
+    cfg.DENOISER = CN()
+    cfg.DENOISER.ARCH = "RDUNet"     # DENOISER_REGISTRY name: RDUNet (6.3.1, Fig. 6.2) or SmallUNet
+    cfg.DENOISER.WIDTH = 64          # channels of the first U-Net level, doubled per level [INF]
+    # first_order (FO-RUDS, white-box gradients), rge (ZO-RUDS, Algorithm 4), cge_ae (ZO-AE-RUDS
+    # (C), Algorithm 5) or rge_ae (ZO-AE-RUDS (R)): gradients estimated from queries only.
+    cfg.DENOISER.MODE = "rge"
+    # Noise std in [0, 1] pixel units. 6.4 writes "variance 0.25", but its results compare with
+    # Zhang et al.'s sigma = 0.25 (Table 6.1): we read sigma = 0.25.
+    cfg.DENOISER.SIGMA = 0.25
+    # The model output the loss compares: "logits" (identity classifier, eq. 6.9's cross-entropy)
+    # or "features" (retrieval embedding, feature matching [INF]).
+    cfg.DENOISER.OUTPUT = "logits"
+    cfg.DENOISER.Q = 192                   # RGE directions q (eq. 6.16; Table 6.1: q = 192)
+    cfg.DENOISER.XI = 0.005                # smoothing xi (eq. 6.16, 6.19; 6.4), pixel / latent units
+    cfg.DENOISER.RGE_DIFFERENCE = "forward"  # eq. 6.16 (q + 1 queries); "central": antithetic, 2q
+    cfg.DENOISER.CGE_DIFFERENCE = "central"  # Algorithm 5 (2d queries); "forward": d + 1
+    cfg.DENOISER.LOSS = CN()
+    cfg.DENOISER.LOSS.MATCH = 1.0          # L_CE of eq. 6.9 (eq. 6.13 weighs it 1)
+    cfg.DENOISER.LOSS.CS = 1.0             # lambda_CS of eq. 6.13 (6.4)
+    cfg.DENOISER.LOSS.MMD = 4.0            # lambda_MMD of eq. 6.13 (6.4)
+    cfg.DENOISER.LOSS.MMD_KERNEL = "gaussian"  # eq. 6.12's RKHS kernel [INF]; or "linear"
+    cfg.DENOISER.LOSS.MMD_BANDWIDTHS = (1.0,)  # gaussian: multiples of the median distance [INF]
+    # ||D(x + eta) - x||^2 of denoised smoothing (eq. 6.8, Salman et al.); 0 = eq. 6.13 as written.
+    cfg.DENOISER.LOSS.MSE = 0.0
+    cfg.DENOISER.IMS_PER_BATCH = 256       # 6.4
+    cfg.DENOISER.LR = 1e-4                 # Adam (6.4 gives the rate; the optimizer [INF])
+    # 6.4: 600 epochs, the rate divided by 10 every 100. Here in iterations (an epoch is
+    # training images / IMS_PER_BATCH); same proportions [INF].
+    cfg.DENOISER.ITERS = 6000
+    cfg.DENOISER.DECAY_EVERY = 1000
+    cfg.DENOISER.GAMMA = 0.1
+    # Autoencoder of the *_ae modes: pre-trained on reconstruction first (white-box, its own Adam),
+    # then the encoder trains with the denoiser and the decoder joins the black box (Algorithm 5).
+    cfg.DENOISER.AE = CN()
+    cfg.DENOISER.AE.LATENT_DIM = 192       # d of CGE (Table 6.1's q = 192) [INF]
+    cfg.DENOISER.AE.WIDTH = 32             # [INF]
+    cfg.DENOISER.AE.LEVELS = 4             # stride-2 levels: image sides must be multiples of 2^LEVELS
+    cfg.DENOISER.AE.PRETRAIN_ITERS = 1000  # [INF]
+    cfg.DENOISER.AE.PRETRAIN_LR = 1e-3     # [INF]
+    cfg.DENOISER.CHECKPOINT_PERIOD = 500   # iterations (pre-training included)
+    cfg.DENOISER.LOG_PERIOD = 20
+
     if frozen:
         cfg.freeze()
     return cfg
