@@ -44,8 +44,13 @@ def test_linear_classifier_radius_approaches_the_distance_to_its_boundary(sigma,
     p_true = norm.cdf(distance / sigma)
 
     smoothed = SmoothedDecision(linear_classifier(weight, bias), sigma, batch_size=50_000)
-    cert = smoothed.certify(x, 100, 200_000, 0.001, noise_generator(0, 0, "cpu"))
+    n = 200_000
+    cert = smoothed.certify(x, 100, n, 0.001, noise_generator(0, 0, "cpu"))
     assert cert.label == 0
+    assert abs(cert.count / n - p_true) < 4 * math.sqrt(p_true * (1 - p_true) / n)
+    # the radius comes from the count's lower bound, not from the estimate count / n
+    assert cert.p_lower == pytest.approx(beta.ppf(0.001, cert.count, n - cert.count + 1))
+    assert cert.radius == pytest.approx(sigma * norm.ppf(cert.p_lower))
     assert cert.p_lower < p_true and cert.p_lower == pytest.approx(p_true, abs=0.004)
     assert cert.radius < distance
     assert cert.radius == pytest.approx(distance, rel=0.03)
