@@ -134,7 +134,7 @@ def scaled_loader(cfg, items):
 
 
 def retrieval_task(cfg, model, max_queries, seed):
-    """(images, labels, decision per image, extractor) of the top-1 retrieval decision."""
+    """(items, labels, base decision of item i, extractor) of the top-1 retrieval decision."""
     name = cfg.DATASETS.TESTS[0]
     if len(cfg.DATASETS.TESTS) > 1:
         logger.warning("certifying %s only, the first of DATASETS.TESTS", name)
@@ -152,7 +152,7 @@ def retrieval_task(cfg, model, max_queries, seed):
 
 
 def classifier_task(cfg, model, max_queries, seed):
-    """(images, labels, decision per image, extractor) of the identity classifier decision."""
+    """(items, labels, base decision of item i, extractor) of the identity classifier decision."""
     items = training_items(cfg)
     pid_index = CommDataset(items, relabel=True).pid_dict  # the training loader's class indices
     if max_queries and max_queries < len(items):
