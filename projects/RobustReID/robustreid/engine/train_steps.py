@@ -8,6 +8,8 @@ then asks its ``objective`` for the loss dict, and does fastreid's update, with 
 scaler is given. Every method is a set of config switches choosing phases and objective parts:
 
 ================================  ===============================================================
+INPUT.GAUSSIAN_NOISE.ENABLED      GaussianNoiseBatch: Gaussian data augmentation (Cohen et al.),
+                                  for models that randomized smoothing certifies
 ADV_TRAIN.ENABLED                 MetricAdversarialBatch (Metric AT; Adv_train; AT_PGD with PGD)
 ADV_TRAIN.FNES.ENABLED            FNES images and soft labels in that phase (eq. 4)
 ADV_TRAIN.DISCRIMINATOR.ENABLED   FeatureAdversary: D update + the encoder's L_E (eq. 6-8)
@@ -29,7 +31,7 @@ from fastreid.utils.events import get_event_storage
 from torch.func import functional_call
 
 from ..attacks import GuideSet, ReidFeatureExtractor, build_attack
-from ..config import ConfigError
+from ..config import ConfigError, check_pixel_sigma
 from ..modeling.dg_config import check_dg_config
 from ..modeling.losses.soft_labels import smooth_labels
 from ..parallel import unwrap
@@ -38,6 +40,28 @@ from .distributed import mean_across_ranks
 from .eat import check_eat_config
 from .fnes import FnesSettings, fnes_images, fnes_labels, sample_omega
 from .meta_step import meta_losses, split_by_identity, subset
+
+
+class GaussianNoiseBatch:
+    """Phase "gaussian_noise": add N(0, sigma^2) to every pixel of the training batch, sigma in
+    [0, 1] pixel units (the loader's images are [0, 255], so the noise is scaled by 255).
+
+    Cohen et al. train the base classifier of randomized smoothing on such noise, at the sigma that
+    smoothing will use, and they do not clip to [0, 1]. Neither does this phase, so the model trains
+    on the very inputs it is certified on. It runs first, so every later phase (adversarial
+    examples, ...) sees the noisy batch. Draws come from torch's global generator, which
+    checkpoints hold (a resumed run draws the same noise). Only training steps run it:
+    evaluation, attacks and certification never see it.
+    """
+
+    name = "gaussian_noise"
+
+    def __init__(self, sigma):
+        self.sigma = sigma
+
+    def __call__(self, model, batch):
+        images = batch["images"]
+        return {**batch, "images": images + torch.randn_like(images) * (self.sigma * 255.0)}
 
 
 class MetricAdversarialBatch:
@@ -123,6 +147,8 @@ class MetricAdversarialBatch:
 def build_batch_phases(cfg):
     """The phases the config switches on, in execution order."""
     phases = []
+    if cfg.INPUT.GAUSSIAN_NOISE.ENABLED:
+        phases.append(GaussianNoiseBatch(cfg.INPUT.GAUSSIAN_NOISE.SIGMA))
     if cfg.ADV_TRAIN.ENABLED:
         phases.append(MetricAdversarialBatch.from_config(cfg))
     return phases
@@ -230,6 +256,8 @@ def check_training_config(cfg):
         if cfg.MODEL.LOSSES.CE.EPSILON < 0:
             raise ConfigError("ADV_TRAIN.FNES needs MODEL.LOSSES.CE.EPSILON >= 0 (fixed smoothing "
                               "of the clean labels)")
+    if cfg.INPUT.GAUSSIAN_NOISE.ENABLED:
+        check_pixel_sigma(cfg.INPUT.GAUSSIAN_NOISE.SIGMA, "INPUT.GAUSSIAN_NOISE.SIGMA")
     if cfg.META_LEARNING.ENABLED and not 0 < cfg.META_LEARNING.TEST_FRACTION < 1:
         raise ConfigError(f"META_LEARNING.TEST_FRACTION must be in (0, 1), got "
                           f"{cfg.META_LEARNING.TEST_FRACTION}")
