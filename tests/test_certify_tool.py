@@ -134,6 +134,8 @@ def test_classifier_decision_certifies_training_images(weights, datasets_root, t
     (["--decision", "classifier"], ["MODEL.HEADS.NUM_CLASSES", "3"],
      "MODEL.HEADS.NUM_CLASSES is 3"),
     ([], ["--n", "8"], "put the options before the KEY VALUE pairs: --n"),
+    (["--denoiser", "/nonexistent/denoiser.pth"], [], "/nonexistent/denoiser.pth"),
+    (["--denoiser", CONFIG], [], "cannot be read"),
 ])
 def test_cli_bad_input_exits_2_with_one_clear_line(args, opts, message, weights, tmp_path, capsys):
     code = exit_code(["--config-file", CONFIG, *args, "--output", str(tmp_path / "out"),
@@ -204,3 +206,45 @@ def test_noise_sigma_is_checked_before_training(tmp_path, datasets_root):
                         "INPUT.GAUSSIAN_NOISE.SIGMA", "64.0")
     with pytest.raises(ConfigError, match="INPUT.GAUSSIAN_NOISE.SIGMA .*looks like 0-255 units"):
         check_training_config(cfg)
+
+
+def test_denoiser_goes_in_front_of_the_model_for_queries_and_gallery(weights, datasets_root,
+                                                                      tmp_path, capsys):
+    """--denoiser: the checkpoint of tools/train_denoiser.py (its DENOISER keys in the opts) is
+    loaded, recorded in the report, and every image the model sees passes through it: a denoiser
+    that returns one grey image makes every query's decision the same identity."""
+    from robustreid.engine import RobustTrainer
+    from robustreid.engine.denoiser_training import DenoiserTrainer
+
+    den_opts = ["DENOISER.ARCH", "SmallUNet", "DENOISER.WIDTH", "4", "DENOISER.MODE", "first_order",
+                "DENOISER.OUTPUT", "features"]
+    cfg = make_tiny_cfg(tmp_path / "den", "MODEL.WEIGHTS", weights, *den_opts)
+    trainer = DenoiserTrainer(cfg, RobustTrainer.load_for_eval(cfg), str(tmp_path / "den"))
+    trainer.checkpointer.save("denoiser_final")
+    path = str(tmp_path / "den" / "denoiser_final.pth")
+    tool = load_tool("certify")
+
+    def certify(output):
+        return tool.main(["--config-file", CONFIG, "--sigmas", "0.25", *TINY_N, "--max-queries",
+                          "6", "--denoiser", path, "--output", str(output), "MODEL.WEIGHTS",
+                          weights, *TINY_OPTS, *den_opts])
+
+    assert certify(tmp_path / "a") == 0
+    report = json.loads((tmp_path / "a" / "certified.json").read_text())
+    assert report["settings"]["denoiser"] == path and len(report["settings"]["denoiser_sha256"]) == 64
+
+    class Grey(torch.nn.Module):
+        def forward(self, x01):
+            return torch.full_like(x01, 0.5)
+
+    seen = []
+
+    def grey_denoiser(cfg, p):
+        seen.append(p)
+        return Grey()
+
+    tool.load_denoiser = grey_denoiser
+    assert certify(tmp_path / "b") == 0
+    records = json.loads((tmp_path / "b" / "certified.json").read_text())["sigmas"][0]["records"]
+    assert seen == [path, path] and len({r["prediction"] for r in records}) == 1
+    capsys.readouterr()

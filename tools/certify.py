@@ -43,6 +43,7 @@ from robustreid.data.validation import check_datasets
 from robustreid.engine import (USER_ERRORS, RobustTrainer, check_output_dir, preflight, setup)
 from robustreid.engine.checkpoint import check_checkpoint_fits, read_checkpoint
 from robustreid.engine.defaults import training_items
+from robustreid.engine.denoiser_training import load_denoiser
 from robustreid.evaluation.certified_report import build_report, certified_markdown, headline, \
     write_report
 from robustreid.evaluation.faiss_evaluator import _faiss_options
@@ -71,6 +72,9 @@ def build_parser():
                         help="noisy copies per forward pass (CERTIFY.BATCH)")
     parser.add_argument("--max-queries", type=int_at_least(0), default=0,
                         help="certify a seeded subset (0 = all)")
+    parser.add_argument("--denoiser", default="", metavar="PATH",
+                        help="denoised smoothing: the tools/train_denoiser.py checkpoint put in front "
+                             "of the model (its DENOISER.* keys go in the opts, as for its training)")
     parser.add_argument("--output", default="", help="default: OUTPUT_DIR/certify")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="MODEL.WEIGHTS path and KEY VALUE pairs")
@@ -112,6 +116,8 @@ def check_inputs(ns):
         alpha=ns.alpha, batch=ns.batch)
     if not cfg.MODEL.WEIGHTS:
         raise ConfigError("no weights to certify: pass MODEL.WEIGHTS /path/to/model_final.pth")
+    if ns.denoiser:  # the file and its fit to the DENOISER keys (on the CPU: no device resolved yet)
+        load_denoiser(load_config(ns.config_file, [*ns.opts, "MODEL.DEVICE", "cpu"]), ns.denoiser)
     output = report_dir(ns, cfg)
     check_output_dir(output, "--output" if ns.output else "OUTPUT_DIR/certify")
     preflight(cfg, eval_only=True)  # weights file and fit, test datasets, images
@@ -133,13 +139,14 @@ def scaled_loader(cfg, items):
     return lambda index: dataset[index]["images"] / 255.0
 
 
-def retrieval_task(cfg, model, max_queries, seed):
-    """(items, labels, base decision of item i, extractor) of the top-1 retrieval decision."""
+def retrieval_task(cfg, model, max_queries, seed, denoiser):
+    """(items, labels, base decision of item i, extractor) of the top-1 retrieval decision; a
+    denoiser sits in front of the model for the gallery too (the deployed pipeline)."""
     name = cfg.DATASETS.TESTS[0]
     if len(cfg.DATASETS.TESTS) > 1:
         logger.warning("certifying %s only, the first of DATASETS.TESTS", name)
     evaluator = RobustEvaluator(cfg, model, name, max_queries=max_queries, seed=seed,
-                                progress=False)
+                                defense=denoiser, progress=False)
     evaluator.evaluate_clean()  # the clean gallery features
     query, gallery = evaluator.query, evaluator.gallery
     valid = valid_query_mask(query.pids, query.camids, gallery.pids, gallery.camids)
@@ -151,14 +158,14 @@ def retrieval_task(cfg, model, max_queries, seed):
     return items, [pid for _, pid, *_ in items], decide.__getitem__, evaluator.extractor
 
 
-def classifier_task(cfg, model, max_queries, seed):
+def classifier_task(cfg, model, max_queries, seed, denoiser):
     """(items, labels, base decision of item i, extractor) of the identity classifier decision."""
     items = training_items(cfg)
     pid_index = CommDataset(items, relabel=True).pid_dict  # the training loader's class indices
     if max_queries and max_queries < len(items):
         chosen = np.sort(np.random.default_rng(seed).choice(len(items), max_queries, replace=False))
         items = [items[i] for i in chosen]
-    extractor = ReidFeatureExtractor(model)
+    extractor = ReidFeatureExtractor(model, defense=denoiser)
     if extractor.num_classes != len(pid_index):  # AttackConfigError if it has no classifier
         raise ConfigError(f"the model classifies {extractor.num_classes} identities, "
                           f"DATASETS.NAMES have {len(pid_index)}")
@@ -175,7 +182,8 @@ def run(ns, settings, opts, output):
     seed = max(cfg.ROBUSTREID.SEED, 0)
     task = retrieval_task if settings.decision == "retrieval" else classifier_task
     start = time.perf_counter()
-    items, labels, decide_for, extractor = task(cfg, model, ns.max_queries, seed)
+    denoiser = load_denoiser(cfg, ns.denoiser) if ns.denoiser else None
+    items, labels, decide_for, extractor = task(cfg, model, ns.max_queries, seed, denoiser)
     if not items:
         raise ConfigError("nothing to certify: no query has a positive in the gallery")
     with extractor.frozen_eval():  # one eval-mode (BN-folded) model for the whole run
@@ -187,6 +195,8 @@ def run(ns, settings, opts, output):
         "config_file": os.path.abspath(ns.config_file), "opts": list(ns.opts),
         "weights": os.path.abspath(cfg.MODEL.WEIGHTS),
         "weights_sha256": sha256_of(cfg.MODEL.WEIGHTS),
+        "denoiser": os.path.abspath(ns.denoiser) if ns.denoiser else None,
+        "denoiser_sha256": sha256_of(ns.denoiser) if ns.denoiser else None,
         "dataset": (cfg.DATASETS.TESTS[0] if settings.decision == "retrieval"
                     else "+".join(cfg.DATASETS.NAMES)),
         "metric": cfg.TEST.METRIC, "seed": seed, "device": cfg.MODEL.DEVICE,
