@@ -478,3 +478,20 @@ def test_paper_steps_spec_differs_from_orderings_only_in_the_training_attacks_st
         eight.defrost()
         eight.ADV_TRAIN.STEPS = 4
         assert eight.dump() == four.dump()
+
+
+def test_finished_run_copied_into_another_output_is_reused(tool, fake_runs, tmp_path,
+                                                           datasets_root, capsys):
+    """The undefended models of one spec copied into another spec's --output (as the MP-SNN and
+    EAT specs share orderings' models): the copy trained the same way, only its OUTPUT_DIR in
+    config.yaml differs; it is evaluated there, not refused and not retrained."""
+    assert tool.main(methods_args(tmp_path)) == 0
+    other = tmp_path / "other"
+    for seed in (0, 1):
+        shutil.copytree(tmp_path / "ev" / "base" / f"seed{seed}", other / "base" / f"seed{seed}",
+                        ignore=shutil.ignore_patterns("robust_eval"))
+    args = ["--method", f"base={BOT}", "--seeds", "2", "--output", str(other), *TINY]
+    capsys.readouterr()
+    assert tool.main(args) == 0
+    assert len(fake_runs["train"]) == 4 and len(fake_runs["evaluate"]) == 6
+    assert capsys.readouterr().out.count("started (trained earlier, evaluating)") == 2

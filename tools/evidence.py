@@ -57,8 +57,10 @@ from robustreid.evaluation.robust import _figure_axes
 from run_state import final_weights, resume_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Config keys resolve_device sets from the machine: a run may resume on another device.
-MACHINE_KEYS = ("MODEL.DEVICE", "SOLVER.AMP.ENABLED")
+# Keys that do not change what a run trains: those resolve_device sets from the machine (a run
+# may resume on another device) and where the run lives (a finished run copied into another
+# --output, e.g. the undefended models shared by several specs, is the same run).
+RUN_PLACE_KEYS = ("MODEL.DEVICE", "SOLVER.AMP.ENABLED", "OUTPUT_DIR")
 # 0 = "count the training identities"; fastreid rewrites config.yaml with the count.
 AUTO_CLASSES = "MODEL.HEADS.NUM_CLASSES"
 MEASURES = ("mAP", "Rank-1")  # of the retrieval protocol; clustering reports list their own
@@ -330,7 +332,7 @@ def check_same_training(run):
     # A key the run's code did not have yet, now at its default, trained the same way
     defaults = flat(yaml.safe_load(load_config().dump()))
     changed = [k for k in sorted(before.keys() | now.keys())
-               if k not in MACHINE_KEYS and before.get(k) != now.get(k)
+               if k not in RUN_PLACE_KEYS and before.get(k) != now.get(k)
                and not (k not in before and k in defaults and now.get(k) == defaults[k])]
     if changed:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
