@@ -97,8 +97,8 @@ def test_pq_shortlist_reranked_with_exact_distances():
 def test_hnsw_ef_search_is_applied():
     gallery, queries = features(3000), features(50, seed=1)
     _, exact_idx = build_index(gallery, IndexOptions()).search(queries, 10)
-    recall = {ef: recall_at_k(build_index(gallery, IndexOptions(
-        spec="HNSW4", ef_search=ef)).search(queries, 10)[1], exact_idx, (10,))[10] for ef in (10, 200)}
+    recall = {ef: recall_at_k(build_index(gallery, IndexOptions(spec="HNSW4", ef_search=ef))
+                              .search(queries, 10)[1], exact_idx, (10,))[10] for ef in (10, 200)}
     assert recall[10] < recall[200]
 
 
