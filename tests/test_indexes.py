@@ -127,6 +127,28 @@ def test_gpu_request_without_faiss_gpu_runs_on_cpu_and_says_so(caplog):
     np.testing.assert_array_equal(gpu.search(queries, 5)[1], cpu.search(queries, 5)[1])
 
 
+def test_gpu_sharding_spreads_rows_and_merges_results(monkeypatch):
+    """The GPU path's IndexShards logic with CPU copies standing in for the GPU ones (3 "GPUs")."""
+    import faiss
+
+    from robustreid.evaluation import indexes
+
+    monkeypatch.setattr(indexes, "faiss_gpu_available", lambda: True)
+    monkeypatch.setattr(indexes, "_gpu_copies",
+                        lambda cpu: ([faiss.clone_index(cpu) for _ in range(3)], []))
+    monkeypatch.setattr(faiss, "GpuParameterSpace", faiss.ParameterSpace, raising=False)
+    monkeypatch.setattr(indexes, "BLOCK_ROWS", 700)  # several adds, each spread over the shards
+    gallery, queries = features(2000), features(20, seed=1)
+    index = build_index(gallery, IndexOptions(spec="IVF8,Flat", nprobe=8, use_gpu=True))
+    assert index.gpu and isinstance(index.index, faiss.IndexShards) and index.index.count() == 3
+    assert index.ntotal == 2000
+    assert all(faiss.extract_index_ivf(index.index.at(i)).nprobe == 8 for i in range(3))
+    dist, idx = index.search(queries, 5)
+    exact_dist, exact_idx = build_index(gallery, IndexOptions()).search(queries, 5)
+    np.testing.assert_array_equal(idx, exact_idx)  # global row ids, not per-shard ones
+    np.testing.assert_allclose(dist, exact_dist, atol=1e-5)
+
+
 @pytest.mark.skipif(not faiss_gpu_available(), reason="needs faiss-gpu and a visible GPU")
 def test_gpu_index_is_sharded_over_every_gpu_and_matches_cpu():
     import faiss

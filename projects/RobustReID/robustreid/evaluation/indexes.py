@@ -240,15 +240,14 @@ class FaissIndex:
             logger.info("TEST.FAISS.USE_GPU: faiss has no GPU version of %r; it runs on CPU",
                         self.options.spec)
             return cpu_index
-        options = faiss.GpuClonerOptions()
-        # GPU IVF-PQ keeps float32 lookup tables only up to 48 sub-quantizers; float16 above.
-        options.useFloat16 = True
+        # The copies use these resources: they live as long as this object (faiss's SWIG objects
+        # take no extra attributes).
+        copies, self._gpu_resources = _gpu_copies(cpu_index)
         shards = faiss.IndexShards(cpu_index.d, True, False)  # threaded, ids given at add
-        shards.gpu_resources = [faiss.StandardGpuResources() for _ in range(faiss.get_num_gpus())]
-        for gpu, resources in enumerate(shards.gpu_resources):
-            shards.add_shard(faiss.index_cpu_to_gpu(resources, gpu, cpu_index, options))
+        for copy in copies:
+            shards.add_shard(copy)
         self.gpu = True
-        logger.info("%r sharded over %d GPU(s)", self.options.spec, len(shards.gpu_resources))
+        logger.info("%r sharded over %d GPU(s)", self.options.spec, len(copies))
         return shards
 
     def _set_search_parameters(self, names):
@@ -290,6 +289,17 @@ class FaissIndex:
             out_d[s:s + chunk] = d.numpy()
             out_i[s:s + chunk] = np.take_along_axis(cand, order.numpy(), axis=1)
         return out_d, out_i
+
+
+def _gpu_copies(cpu_index):
+    """``(copies, resources)``: the trained ``cpu_index`` copied onto every visible GPU."""
+    faiss = _import_faiss()
+    options = faiss.GpuClonerOptions()
+    # GPU IVF-PQ keeps float32 lookup tables only up to 48 sub-quantizers; float16 above.
+    options.useFloat16 = True
+    resources = [faiss.StandardGpuResources() for _ in range(faiss.get_num_gpus())]
+    return [faiss.index_cpu_to_gpu(res, gpu, cpu_index, options)
+            for gpu, res in enumerate(resources)], resources
 
 
 def _skip_polysemous_training(index):
