@@ -21,5 +21,6 @@ setup(
         "cpu": ["faiss-cpu>=1.7.3"],
         "gpu": ["faiss-gpu"],
         "test": ["pytest>=7", "pytest-timeout"],
+        "deploy": ["onnx==1.23.2", "onnxscript==0.7.2", "onnxruntime==1.32.0"],
     },
 )

@@ -43,6 +43,24 @@ def add_robustreid_config(cfg):
     # than faiss-cpu's pairwise product on CPU and bit-identical to fastreid's build_dist),
     # "torch", "faiss" (faiss-cpu) or "faiss-gpu". k-NN for re-ranking always uses a faiss index.
     cfg.TEST.FAISS.BACKEND = "auto"
+    # Retrieval index (robustreid.evaluation.indexes), a faiss index_factory string: "Flat" =
+    # exact (the streamed path above); approximate: "IVF4096,PQ64", "IVF1024,Flat", "HNSW32", ...
+    cfg.TEST.FAISS.INDEX = "Flat"
+    # Gallery rows the index is trained on (seeded sample); 0 = 64 per IVF list, >= 20000.
+    cfg.TEST.FAISS.TRAIN_SIZE = 0
+    # IVF lists visited per query / HNSW candidate list size at search time.
+    cfg.TEST.FAISS.NPROBE = 16
+    cfg.TEST.FAISS.EF_SEARCH = 64
+    # Re-rank this many approximate neighbours per query with exact distances (0 = off).
+    cfg.TEST.FAISS.SHORTLIST = 0
+    # Approximate indexes rank the top TOPK gallery items per query: Rank-k is exact for k <= TOPK,
+    # positives beyond it count as missed in mAP/mINP.
+    cfg.TEST.FAISS.TOPK = 100
+    # Approximation report (never hidden): recall@k against exact search on a seeded sample of
+    # APPROX_QUERIES queries (0 = all), and the mAP difference to the exact evaluation.
+    cfg.TEST.FAISS.RECALL_KS = (1, 10)
+    cfg.TEST.FAISS.APPROX_QUERIES = 1000
+    cfg.TEST.FAISS.APPROX_SEED = 0
 
     # ClusteringEvaluator (robustreid.evaluation.clustering, EAT eq. 11-13); k-means k = classes.
     cfg.TEST.CLUSTERING = CN()

@@ -27,6 +27,7 @@ from ..data.dg import build_dg_train_set
 from ..data.train_stream import build_train_stream
 from ..data.validation import DatasetError, build_dataset, check_datasets, check_train_batches
 from ..evaluation.clustering_evaluator import check_clustering_config
+from ..evaluation.indexes import check_index_config
 from ..modeling.dg_config import dg_loader_needed
 from ..modeling.losses.proxy_anchor import check_proxy_anchor_config
 from ..modeling.noise import attach_noise_modules, noise_averaged
@@ -173,6 +174,7 @@ def preflight(cfg, eval_only=False, world_size=1):
         check_weights_fit(cfg, training=not eval_only)
     if cfg.TEST.EVALUATOR == "ClusteringEvaluator":
         check_clustering_config(cfg)
+    check_index_config(cfg)
     if not eval_only:
         check_training_config(cfg)
         check_dml_defense_config(cfg)

@@ -5,6 +5,9 @@
   ``evaluate_rank`` (Market-1501 protocol) that never sort or hold a full distance matrix;
 * :func:`k_reciprocal_jaccard` / :func:`rerank_distance`: k-reciprocal re-ranking on CPU or GPU;
 * :class:`ExactRetriever` / :func:`knn`: exact distances and k-NN (torch / faiss-cpu / faiss-gpu);
+* :func:`build_index` / :class:`IndexOptions`: top-k search behind ``TEST.FAISS.INDEX``, exact or
+  faiss approximate (IVF, PQ, HNSW; GPU shards), with :mod:`.approximation`'s recall report;
+  :class:`FeatureStore`: resumable on-disk features for galleries larger than RAM;
 * :func:`clustering_report` / :class:`ClusteringEvaluator`: deep-metric-learning NMI, pairwise F1 and
   Recall@k (EAT eq. 11-13), with ensemble voting.
 """
@@ -12,7 +15,9 @@ from .clustering import (clustering_report, kmeans_labels, nmi, pairwise_f1, rec
                          vote_clusterings, voted_recall_at_k)
 from .clustering_evaluator import ClusteringEvaluator, check_clustering_config
 from .faiss_evaluator import FaissReidEvaluator, build_reid_evaluator
-from .ranking import evaluate_rank_from_distances, evaluate_rank_from_features
+from .feature_store import FeatureStore
+from .indexes import IndexOptions, build_index
+from .ranking import evaluate_rank_from_distances, evaluate_rank_from_features, evaluate_rank_from_topk
 from .rerank import k_reciprocal_jaccard, rerank_distance
 from .retrieval import ExactRetriever, faiss_gpu_available, knn
 
@@ -20,11 +25,15 @@ __all__ = [
     "ClusteringEvaluator",
     "ExactRetriever",
     "FaissReidEvaluator",
+    "FeatureStore",
+    "IndexOptions",
+    "build_index",
     "build_reid_evaluator",
     "check_clustering_config",
     "clustering_report",
     "evaluate_rank_from_distances",
     "evaluate_rank_from_features",
+    "evaluate_rank_from_topk",
     "faiss_gpu_available",
     "k_reciprocal_jaccard",
     "kmeans_labels",

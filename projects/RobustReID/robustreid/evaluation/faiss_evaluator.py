@@ -8,7 +8,11 @@ same result keys and scaling).  Differences:
 * ``TEST.RERANK`` runs on CPU (:mod:`.rerank`, faiss-cpu) as well as GPU; re-ranking needs the full
   ``num_query x num_gallery`` distances, so with it enabled that matrix IS materialised;
 * ``TEST.AQE`` reuses fastreid's ``aqe`` unchanged (it works on CPU, but builds an N x N similarity);
-* ``TEST.ROC`` is not supported: a warning is logged and the TPR@FPR keys are left out.
+* ``TEST.ROC`` is not supported: a warning is logged and the TPR@FPR keys are left out;
+* an approximate ``TEST.FAISS.INDEX`` (e.g. ``"IVF4096,PQ64"``, :mod:`.indexes`) ranks each query's
+  top ``TEST.FAISS.TOPK`` only, and the results then also carry what the approximation cost
+  (:mod:`.approximation`): ``approx/recall@k`` against exact search on a seeded sample of queries,
+  ``approx/mAP_exact`` and ``approx/mAP_diff`` (approximate - exact), in percent.
 """
 import copy
 import logging
@@ -21,6 +25,8 @@ from fastreid.evaluation.evaluator import DatasetEvaluator
 from fastreid.evaluation.query_expansion import aqe
 
 from ..parallel import gather_on_main
+from .approximation import evaluate_approximate
+from .indexes import IndexOptions, check_index_config
 from .ranking import evaluate_rank_from_distances, evaluate_rank_from_features
 from .rerank import rerank_distance
 from .retrieval import ExactRetriever
@@ -74,6 +80,11 @@ class FaissReidEvaluator(DatasetEvaluator):
         test = self.cfg.TEST
         metric = test.METRIC
         chunk, use_gpu, backend = _faiss_options(self.cfg)
+        options = None
+        if test.get("FAISS", None) is not None:
+            check_index_config(self.cfg)
+            options = IndexOptions.from_config(self.cfg)
+        approx = None
 
         if test.AQE.ENABLED:
             logger.info("Test with AQE setting")
@@ -90,6 +101,11 @@ class FaissReidEvaluator(DatasetEvaluator):
                                    lambda_value=test.RERANK.LAMBDA, use_gpu=use_gpu)
             cmc, all_ap, all_inp = evaluate_rank_from_distances(dist, q_pids, g_pids, q_camids,
                                                                 g_camids, chunk_size=chunk)
+        elif options is not None and not options.exact:
+            cmc, all_ap, all_inp, approx = evaluate_approximate(
+                q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, options,
+                topk=test.FAISS.TOPK, ks=test.FAISS.RECALL_KS,
+                sample_size=test.FAISS.APPROX_QUERIES)
         else:
             cmc, all_ap, all_inp = evaluate_rank_from_features(
                 q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, metric=metric,
@@ -102,6 +118,11 @@ class FaissReidEvaluator(DatasetEvaluator):
         results["mAP"] = m_ap * 100
         results["mINP"] = m_inp * 100
         results["metric"] = (m_ap + cmc[0]) / 2 * 100
+        if approx is not None:  # what the approximate index costs, next to what it gave
+            for k in test.FAISS.RECALL_KS:
+                results[f"approx/recall@{k}"] = approx[f"recall@{k}"] * 100
+            results["approx/mAP_exact"] = approx["mAP_exact"] * 100
+            results["approx/mAP_diff"] = approx["mAP_diff"] * 100
 
         if test.ROC.ENABLED:
             logger.warning("TEST.ROC is not supported by FaissReidEvaluator; TPR@FPR is skipped "

@@ -246,12 +246,16 @@ class RankAccumulator:
     def result(self):
         """``(cmc[:max_rank] float32, all_AP, all_INP)`` like fastreid's ``evaluate_rank``."""
         first = np.concatenate(self._first) if self._first else np.zeros(0, np.int64)
-        num_valid = len(first)
-        assert num_valid > 0, "Error: all query identities do not appear in gallery"
-        hits = np.bincount(np.minimum(first, self.max_rank + 1) - 1, minlength=self.max_rank + 1)
-        # float32 division of exact counts, as fastreid's float32 cmc sum / num_valid_q.
-        cmc = np.cumsum(hits[: self.max_rank]).astype(np.float32) / np.float32(num_valid)
-        return cmc, np.concatenate(self._ap), np.concatenate(self._inp)
+        return _cmc(first, self.max_rank), np.concatenate(self._ap), np.concatenate(self._inp)
+
+
+def _cmc(first, max_rank):
+    """CMC[:max_rank] (float32) from the valid queries' first-positive ranks (1-based)."""
+    num_valid = len(first)
+    assert num_valid > 0, "Error: all query identities do not appear in gallery"
+    hits = np.bincount(np.minimum(first, max_rank + 1) - 1, minlength=max_rank + 1)
+    # float32 division of exact counts, as fastreid's float32 cmc sum / num_valid_q.
+    return np.cumsum(hits[:max_rank]).astype(np.float32) / np.float32(num_valid)
 
 
 def evaluate_rank_from_features(query_feats, gallery_feats, q_pids, g_pids, q_camids, g_camids,
@@ -301,3 +305,40 @@ def valid_query_mask(q_pids, q_camids, g_pids, g_camids) -> np.ndarray:
     q_camids = np.asarray(q_camids).astype(np.int64, copy=False).ravel()
     _, _, positive = _SamePidIndex.build(g_pids, g_camids).same_pid_items(q_pids, q_camids)
     return positive.any(axis=1)
+
+
+def evaluate_rank_from_topk(topk_index, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50):
+    """``(cmc, all_AP, all_INP)`` of ranked lists cut at K (an approximate index's top-K).
+
+    Same protocol as :func:`evaluate_rank_from_features` (junk dropped, positives and valid queries
+    counted over the WHOLE gallery), on the list ``topk_index`` (n, K) of gallery indices, nearest
+    first, -1 for no result. A positive missing from a query's list is not retrieved: it adds 0 to
+    AP (AP@K over all positives, a lower bound of the full AP) and makes INP 0; CMC is exact up to
+    the list's length. With K = the gallery size and the exact order, this IS the exact evaluation.
+    """
+    q_pids = np.asarray(q_pids).astype(np.int64, copy=False).ravel()
+    q_camids = np.asarray(q_camids).astype(np.int64, copy=False).ravel()
+    index = _SamePidIndex.build(g_pids, g_camids)
+    num_g = len(index.g_pids)
+    if num_g < max_rank:  # same clamp as fastreid / RankAccumulator
+        max_rank = num_g
+    _, _, positive = index.same_pid_items(q_pids, q_camids)
+    num_pos = positive.sum(axis=1)
+    valid = num_pos > 0
+
+    listed = np.asarray(topk_index, dtype=np.int64)
+    present = listed >= 0
+    item = np.where(present, listed, 0)
+    same_pid = present & (index.g_pids[item] == q_pids[:, None])
+    kept = present & ~(same_pid & (index.g_camids[item] == q_camids[:, None]))
+    rank = np.cumsum(kept, axis=1)  # 1-based rank among the kept entries
+    hit = same_pid & kept
+    hits_so_far = np.cumsum(hit, axis=1)
+    safe_pos = np.maximum(num_pos, 1)
+    ap = np.where(hit, hits_so_far / np.maximum(rank, 1), 0.0).sum(axis=1) / safe_pos
+    found = hits_so_far[:, -1] if listed.shape[1] else np.zeros(len(listed), np.int64)
+    last = np.where(hit, rank, 0).max(axis=1, initial=0)
+    inp = np.where(found == num_pos, safe_pos / np.maximum(last, 1), 0.0)
+    first = np.where(hit.any(axis=1), np.where(hit, rank, np.iinfo(np.int64).max).min(
+        axis=1, initial=np.iinfo(np.int64).max), max_rank + 1)
+    return _cmc(first[valid], max_rank), ap[valid], inp[valid]

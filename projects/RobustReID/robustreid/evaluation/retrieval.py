@@ -220,3 +220,13 @@ def knn(features, k: int, metric: str = "euclidean", use_gpu: bool = False,
     """Exact k-NN of ``queries`` (default: ``features`` themselves) among ``features`` via faiss."""
     retriever = ExactRetriever(features, metric=metric, use_gpu=use_gpu)
     return retriever.search(features if queries is None else queries, k)
+
+
+def candidate_distances(query: torch.Tensor, candidates: torch.Tensor, metric: str) -> torch.Tensor:
+    """Distances of each prepared query row ``(n, d)`` to its own prepared candidate rows
+    ``(n, c, d)``, shape ``(n, c)``, in this module's convention (the re-ranking of an approximate
+    index's shortlist, which must order candidates exactly as the exact path would)."""
+    dots = torch.bmm(candidates, query.unsqueeze(2)).squeeze(2)
+    if check_metric(metric) == "cosine":
+        return 1.0 - dots
+    return query.pow(2).sum(dim=1, keepdim=True) + candidates.pow(2).sum(dim=2) - 2.0 * dots
