@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import robustreid  # noqa: F401  (compat patches + registrations)
-from robustreid.cli import OneLineParser, int_at_least, report_misplaced_flags
+from robustreid.cli import OneLineParser, int_at_least, run_tool
 from robustreid.engine import USER_ERRORS, RobustTrainer, check_output_dir
 from robustreid.inference import (FeatureExtractor, OnnxFeatureExtractor, export_onnx,
                                   load_deploy_config)
@@ -107,14 +107,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if report_misplaced_flags(args.opts):
-        return 2
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(build_parser(), run, USER_ERRORS, argv)
 
 
 if __name__ == "__main__":

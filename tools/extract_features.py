@@ -17,7 +17,7 @@ import os
 import sys
 
 import robustreid  # noqa: F401  (compat patches + registrations)
-from robustreid.cli import OneLineParser, int_at_least, report_misplaced_flags
+from robustreid.cli import OneLineParser, int_at_least, run_tool
 from robustreid.config import ConfigError
 from robustreid.engine import USER_ERRORS
 from robustreid.inference import FeatureExtractor, load_deploy_config
@@ -66,15 +66,7 @@ def extract(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if report_misplaced_flags(args.opts):
-        return 2
-    try:
-        extract(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(build_parser(), extract, USER_ERRORS, argv)
 
 
 if __name__ == "__main__":

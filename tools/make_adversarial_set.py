@@ -26,7 +26,7 @@ import sys
 import robustreid  # noqa: F401  (compat patches + registrations)
 from robustreid.attacks import AttackConfigError, ReidFeatureExtractor, build_attack, eps_unit
 from robustreid.checksums import sha256_of
-from robustreid.cli import OneLineParser, report_misplaced_flags
+from robustreid.cli import OneLineParser, run_tool
 from robustreid.config import ConfigError, load_config
 from robustreid.data.adversarial_set import AdversarialSetWriter, clean_transform, make_crafter
 from robustreid.data.balancing import BALANCED_NAME, BalancedSetError
@@ -108,14 +108,8 @@ def run(args, log=print):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if report_misplaced_flags(args.opts):
-        return 2
-    try:
-        return run(args)
-    except (*USER_ERRORS, AttackConfigError, BalancedSetError, OSError) as e:  # OSError names its path
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(build_parser(), run,  # an OSError names its path
+                    (*USER_ERRORS, AttackConfigError, BalancedSetError, OSError), argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 import robustreid  # noqa: F401  (compat patches before fastreid's config is used)
-from robustreid.cli import OneLineParser, int_at_least, report_misplaced_flags
+from robustreid.cli import OneLineParser, int_at_least, run_tool
 from robustreid.config import ConfigError, load_config
 from robustreid.engine import USER_ERRORS, check_output_dir
 from robustreid.evaluation.approximation import approximation_report
@@ -93,15 +93,7 @@ def search(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if report_misplaced_flags(args.opts):
-        return 2
-    try:
-        search(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(build_parser(), search, USER_ERRORS, argv)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,21 @@ def report_misplaced_flags(opts):
     return bool(flags)
 
 
+def run_tool(parser, work, errors, argv=None):
+    """A tool's main(): parse ``argv``, refuse --flags among the trailing KEY VALUE opts, run
+    ``work(args)`` (its return value is the exit code; None = 0). An exception of ``errors`` (the
+    user's mistakes) prints one "error: ..." line and exits 2."""
+    args = parser.parse_args(argv)
+    if report_misplaced_flags(args.opts):
+        return 2
+    try:
+        code = work(args)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if code is None else code
+
+
 def int_at_least(minimum):
     """An argparse ``type`` for integers >= ``minimum``: a bad value is reported by the parser
     ("error: argument --splits: must be an integer >= 1, got '0'")."""
