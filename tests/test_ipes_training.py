@@ -102,5 +102,18 @@ def test_bad_ipes_input_is_one_error_line(tmp_path, datasets_root, capsys):
         argv = ["--config-file", config, *TINY, "OUTPUT_DIR", str(tmp_path / "out"),
                 "IPES.LOSS.KL", "0.0", *opts]
         assert train_net.cli(argv) == 2
+        # the last line; the teacher's is found when training starts, after fastreid's set-up,
+        # whose imports may warn on stderr (torch's cpp_extension without CUDA)
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+        errors = [line for line in err if line.startswith("error: ")]
+        assert errors == err[-1:] and message in errors[0], err
+
+
+def test_the_plain_trainer_refuses_an_ipes_config(tmp_path):
+    from robustreid.config import ConfigError
+    from robustreid.engine import RobustTrainer, build_trainer
+
+    with pytest.raises(ConfigError, match="IPESTrainer"):
+        RobustTrainer(make_ipes_cfg(tmp_path))
+    with pytest.raises(ConfigError, match="teacher"):  # build_trainer chose IPES's, which checks
+        build_trainer(make_ipes_cfg(tmp_path))

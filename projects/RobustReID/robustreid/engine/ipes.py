@@ -75,12 +75,17 @@ def check_ipes_config(cfg, world_size=1):
             raise ConfigError(f"IPES.{key} must be >= 0, got {ipes[section][name]}")
     if ipes.KEYPOINTS.SIGMA <= 0:
         raise ConfigError(f"IPES.KEYPOINTS.SIGMA must be positive, got {ipes.KEYPOINTS.SIGMA}")
-    teacher = ipes.TEACHER_WEIGHTS or cfg.MODEL.WEIGHTS
-    if ipes.LOSS.KL and not teacher:
-        raise ConfigError("IPES.LOSS.KL needs the source-trained teacher E_std: MODEL.WEIGHTS (the "
-                          "source model E_id starts from) or IPES.TEACHER_WEIGHTS")
     if ipes.TEACHER_WEIGHTS and not os.path.isfile(ipes.TEACHER_WEIGHTS):
         raise WeightsNotFoundError(f"IPES.TEACHER_WEIGHTS file not found: {ipes.TEACHER_WEIGHTS}")
+
+
+def check_ipes_teacher(cfg):
+    """L_KL needs a source-trained teacher. Checked when training starts, not in pre-flight: a
+    run that fine-tunes another run's model (tools/evidence.py's weights_from) is pre-flighted
+    before that model exists."""
+    if cfg.IPES.LOSS.KL and not (cfg.IPES.TEACHER_WEIGHTS or cfg.MODEL.WEIGHTS):
+        raise ConfigError("IPES.LOSS.KL needs the source-trained teacher E_std: MODEL.WEIGHTS (the "
+                          "source model E_id starts from) or IPES.TEACHER_WEIGHTS")
 
 
 def check_ipes_training(cfg, world_size=1):
@@ -100,25 +105,14 @@ def check_ipes_training(cfg, world_size=1):
     keypoints.check([item[0] for item in source + target])
 
 
-def _auto_scale(cfg, data):
-    """MODEL.HEADS.NUM_CLASSES (source identities) and IPES.*_CAMERAS from the data where 0; the
-    resolved config is rewritten to OUTPUT_DIR/config.yaml (as fastreid does for NUM_CLASSES)."""
+def _with_camera_counts(cfg, data):
+    """IPES.SOURCE_CAMERAS / TARGET_CAMERAS from the data where 0. Read again by every run (also a
+    resumed one) and not written to OUTPUT_DIR/config.yaml: evaluation does not use the camera
+    classifiers, and the dumped config stays the one the run was asked for."""
     cfg = cfg.clone()
     cfg.defrost()
-    counts = {("MODEL", "HEADS", "NUM_CLASSES"): data.source.num_classes,
-              ("IPES", "SOURCE_CAMERAS"): data.source.num_cameras,
-              ("IPES", "TARGET_CAMERAS"): data.target.num_cameras}
-    changed = False
-    for keys, count in counts.items():
-        node = cfg
-        for key in keys[:-1]:
-            node = node[key]
-        if node[keys[-1]] == 0:
-            node[keys[-1]] = count
-            changed = True
-    if changed and comm.is_main_process() and cfg.OUTPUT_DIR:
-        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-            f.write(cfg.dump())
+    cfg.IPES.SOURCE_CAMERAS = cfg.IPES.SOURCE_CAMERAS or data.source.num_cameras
+    cfg.IPES.TARGET_CAMERAS = cfg.IPES.TARGET_CAMERAS or data.target.num_cameras
     cfg.freeze()
     return cfg
 
@@ -241,10 +235,12 @@ class IPESTrainer(RobustTrainer):
     def __init__(self, cfg):
         TrainerBase.__init__(self)
         check_ipes_config(cfg, comm.get_world_size())
+        check_ipes_teacher(cfg)
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         data = build_ipes_data(cfg)
-        cfg = _auto_scale(cfg, data)
+        # NUM_CLASSES: the source identities (fastreid's, written to config.yaml when it was 0)
+        cfg = _with_camera_counts(self.auto_scale_hyperparams(cfg, data.source.num_classes), data)
         model = self.build_model(cfg)
         self.optimizers, self.schedulers = build_ipes_optimizers(cfg, model)
         self._trainer = IPESStep(model, data.streams, self.optimizers, cfg)

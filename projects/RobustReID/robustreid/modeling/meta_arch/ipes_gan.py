@@ -135,6 +135,11 @@ class IPESGAN(Baseline):
     def identity_parameters(self):
         return list(self.backbone.parameters()) + list(self.heads.parameters())
 
+    def teacher_features(self, images):
+        """E_std's retrieval features (its head's eval output) of loader-range images [0, 255]."""
+        x = (images.to(self.device) - self.pixel_mean) / self.pixel_std
+        return self.teacher.heads(self.teacher.backbone(x))
+
     # ------------------------------------------------------------------ images
     def to_reid(self, images):
         """Generator images in [-1, 1] as E_id's normalised input (not in place)."""
