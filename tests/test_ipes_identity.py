@@ -5,7 +5,6 @@ Showing it on a *trained* IPES generator takes longer than a test may (0.8 s per
 test-sized model on the shared CPU, hundreds of iterations): tools/uda_eval.py --identity-pairs
 reports it for a trained run (README, "IPES-GAN (UDA)")."""
 import pytest
-import torch
 
 from robustreid.data.ipes import PosedImages
 from robustreid.data.keypoints import SynthReIDKeypoints

@@ -264,7 +264,7 @@ def add_robustreid_config(cfg):
     cfg.IPES.SOLVER.GEN_LR = 0.0002       # Adam, encoders + decoders (G)
     cfg.IPES.SOLVER.DIS_LR = 0.0002       # Adam, D
     cfg.IPES.SOLVER.BETAS = (0.5, 0.999)  # Adam's ("momentum 0.999"; beta1 [INF])
-    cfg.IPES.SOLVER.GEN_WEIGHT_DECAY = 0.0001  # [INF]
+    cfg.IPES.SOLVER.GEN_WEIGHT_DECAY = 0.0001  # G's and D's [INF]
     cfg.IPES.SOLVER.ID_LR = 0.001         # SGD, identity encoder E_id
     cfg.IPES.SOLVER.ID_MOMENTUM = 0.9
     cfg.IPES.SOLVER.ID_WEIGHT_DECAY = 0.0005   # [INF]

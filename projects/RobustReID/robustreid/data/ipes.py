@@ -23,7 +23,7 @@ from .keypoints import build_keypoint_source, flip_keypoints, keypoint_heatmaps,
 from .train_stream import ReplayableSampler, SeededItems, TrainBatchStream
 from .validation import build_dataset
 
-__all__ = ["PosedImages", "DomainStreams", "build_ipes_data", "ipes_train_items"]
+__all__ = ["PosedImages", "DomainStreams", "build_ipes_data", "ipes_train_items", "posed_images"]
 
 
 class PosedImages(Dataset):
@@ -77,6 +77,8 @@ def ipes_train_items(cfg):
 
 
 def posed_images(cfg, items, flip=True):
+    """``items`` as PosedImages of the config's keypoints and input size (flipped as INPUT.FLIP
+    says, or never)."""
     kp = cfg.IPES.KEYPOINTS
     return PosedImages(items, build_keypoint_source(kp.SOURCE, kp.DIR), cfg.INPUT.SIZE_TRAIN,
                        kp.SIGMA, kp.MIN_VISIBILITY,

@@ -45,15 +45,10 @@ import numpy as np
 from fastreid.utils.registry import Registry
 
 from ..config import ConfigError
+from .keypoint_layout import (ABSENT, FLIP_ORDER, KEYPOINT_NAMES, NUM_KEYPOINTS,  # noqa: F401
+                              OCCLUDED, VISIBLE)
 from .validation import DatasetError, datasets_root
 
-NUM_KEYPOINTS = 18
-KEYPOINT_NAMES = ("nose", "neck", "r_shoulder", "r_elbow", "r_wrist", "l_shoulder", "l_elbow",
-                  "l_wrist", "r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "r_eye",
-                  "l_eye", "r_ear", "l_ear")
-# Joint k of a mirrored image is joint FLIP_ORDER[k] of the original (left and right swap).
-FLIP_ORDER = (0, 1, 5, 6, 7, 2, 3, 4, 11, 12, 13, 8, 9, 10, 15, 14, 17, 16)
-VISIBLE, OCCLUDED, ABSENT = 2, 1, 0
 KEYPOINT_SUFFIXES = (".json", ".npy")
 
 KEYPOINT_ESTIMATOR_REGISTRY = Registry("KEYPOINT_ESTIMATOR")

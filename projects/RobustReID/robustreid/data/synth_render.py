@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .keypoint_layout import ABSENT, JOINT, NUM_KEYPOINTS, OCCLUDED, VISIBLE
+
 TIME_LABELS = ("morning", "noon", "afternoon")
 
 # Time of day acts on the whole frame: (global gain, RGB tint).
@@ -401,12 +403,6 @@ def draw_framing(identity: Optional[Identity], camera: CameraStyle, rng: np.rand
     return Framing(int(oy), int(ox), exposure, facing, back_view, figure)
 
 
-# COCO-18 / OpenPose joint order (robustreid.data.keypoints documents the layout).
-_NOSE, _NECK, _R_SHOULDER, _R_ELBOW, _R_WRIST, _L_SHOULDER, _L_ELBOW, _L_WRIST, _R_HIP, _R_KNEE, \
-    _R_ANKLE, _L_HIP, _L_KNEE, _L_ANKLE, _R_EYE, _L_EYE, _R_EAR, _L_EAR = range(18)
-VISIBLE, OCCLUDED, ABSENT = 2, 1, 0
-
-
 def _along(y0, y1, x_top, x_bottom, y):
     """Column of :func:`_limb`'s centre line at row ``y``."""
     return x_top + (x_bottom - x_top) * min(max((y - y0) / max(y1 - y0, 1e-3), 0.0), 1.0)
@@ -420,7 +416,7 @@ def figure_keypoints(identity: Optional[Identity], figure: Optional[Figure], hei
     names. v: 2 visible, 1 occluded (the face of a back view), 0 absent (no figure, or outside the
     frame). The person's right side is on the image's left in a front view, on its right in a back
     view; ``facing`` only mirrors the figure's asymmetric details."""
-    points = [[0.0, 0.0, ABSENT] for _ in range(18)]
+    points = [[0.0, 0.0, ABSENT] for _ in range(NUM_KEYPOINTS)]
     if identity is None or figure is None:
         return points
     top, cx, hp, swing = figure.top, figure.cx, figure.hp, figure.swing
@@ -433,25 +429,21 @@ def figure_keypoints(identity: Optional[Identity], figure: Optional[Figure], hei
     face = OCCLUDED if figure.back_view else VISIBLE
 
     def put(joint, x, y_, v=VISIBLE):
-        points[joint] = [x, y_, v]
+        points[JOINT[joint]] = [x, y_, v]
 
-    put(_NOSE, head_cx, head_cy + 0.2 * head_ry, face)
-    put(_NECK, cx, y(0.15))
-    for side, (shoulder, elbow, wrist, hip, knee, ankle, eye, ear) in (
-            (right, (_R_SHOULDER, _R_ELBOW, _R_WRIST, _R_HIP, _R_KNEE, _R_ANKLE, _R_EYE, _R_EAR)),
-            (-right, (_L_SHOULDER, _L_ELBOW, _L_WRIST, _L_HIP, _L_KNEE, _L_ANKLE, _L_EYE, _L_EAR))):
+    put("nose", head_cx, head_cy + 0.2 * head_ry, face)
+    put("neck", cx, y(0.15))
+    for prefix, side in (("r_", right), ("l_", -right)):
         x_sh = cx + side * (sw + arm_w * 0.6)
         x_hand = x_sh + side * 0.02 * hp - side * swing * 0.6
-        put(shoulder, _along(y(0.15), y(0.52), x_sh, x_hand, y(0.17)), y(0.17))
-        put(elbow, _along(y(0.15), y(0.52), x_sh, x_hand, y(0.335)), y(0.335))
-        put(wrist, _along(y(0.15), y(0.52), x_sh, x_hand, y(0.50)), y(0.50))
+        for joint, f in (("shoulder", 0.17), ("elbow", 0.335), ("wrist", 0.50)):
+            put(prefix + joint, _along(y(0.15), y(0.52), x_sh, x_hand, y(f)), y(f))
         x_hip = cx + side * 0.055 * hp
         x_foot = x_hip + side * swing
-        put(hip, _along(y(0.50), y(0.95), x_hip, x_foot, y(0.52)), y(0.52))
-        put(knee, _along(y(0.50), y(0.95), x_hip, x_foot, y(0.70)), y(0.70))
-        put(ankle, _along(y(0.50), y(0.95), x_hip, x_foot, y(0.93)), y(0.93))
-        put(eye, head_cx + side * 0.4 * head_rx, head_cy - 0.05 * head_ry, face)
-        put(ear, head_cx + side * 0.6 * head_rx, head_cy)
+        for joint, f in (("hip", 0.52), ("knee", 0.70), ("ankle", 0.93)):
+            put(prefix + joint, _along(y(0.50), y(0.95), x_hip, x_foot, y(f)), y(f))
+        put(prefix + "eye", head_cx + side * 0.4 * head_rx, head_cy - 0.05 * head_ry, face)
+        put(prefix + "ear", head_cx + side * 0.6 * head_rx, head_cy)
     for point in points:
         x, y_ = point[0], point[1]
         point[0], point[1] = round(float(x), 2), round(float(y_), 2)

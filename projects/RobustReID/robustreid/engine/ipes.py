@@ -66,9 +66,8 @@ def check_ipes_config(cfg, world_size=1):
         raise ConfigError(f"SOLVER.IMS_PER_BATCH {batch} is half source, half target: each half "
                           f"must be a multiple of DATALOADER.NUM_INSTANCE "
                           f"{cfg.DATALOADER.NUM_INSTANCE}")
-    for key in ("ITERS_PER_EPOCH",):
-        if ipes[key] < 1:
-            raise ConfigError(f"IPES.{key} must be >= 1, got {ipes[key]}")
+    if ipes.ITERS_PER_EPOCH < 1:
+        raise ConfigError(f"IPES.ITERS_PER_EPOCH must be >= 1, got {ipes.ITERS_PER_EPOCH}")
     for key in ("VIS.PERIOD", "VIS.PAIRS", "LOSS.RAMP_START", "LOSS.RAMP_ITERS"):
         section, name = key.split(".")
         if ipes[section][name] < 0:
