@@ -97,6 +97,7 @@ def test_bad_ipes_input_is_one_error_line(tmp_path, datasets_root, capsys):
 
     cases = [(("IPES.TARGET", ""), "IPES.TARGET: name the unlabelled target dataset"),
              (("IPES.KEYPOINTS.SOURCE", "files"), "have no keypoint file, e.g. "),
+             (("IPES.KEYPOINTS.MIN_VISIBILITY", "0"), "IPES.KEYPOINTS.MIN_VISIBILITY must be"),
              (("IPES.LOSS.KL", "3.0"), "IPES.LOSS.KL needs the source-trained teacher")]
     for opts, message in cases:
         argv = ["--config-file", config, *TINY, "OUTPUT_DIR", str(tmp_path / "out"),

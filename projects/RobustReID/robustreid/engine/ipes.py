@@ -74,6 +74,9 @@ def check_ipes_config(cfg, world_size=1):
             raise ConfigError(f"IPES.{key} must be >= 0, got {ipes[section][name]}")
     if ipes.KEYPOINTS.SIGMA <= 0:
         raise ConfigError(f"IPES.KEYPOINTS.SIGMA must be positive, got {ipes.KEYPOINTS.SIGMA}")
+    if ipes.KEYPOINTS.MIN_VISIBILITY not in (1, 2):  # 0 would draw absent joints
+        raise ConfigError(f"IPES.KEYPOINTS.MIN_VISIBILITY must be 1 (occluded too) or 2 (visible "
+                          f"only), got {ipes.KEYPOINTS.MIN_VISIBILITY}")
     if ipes.TEACHER_WEIGHTS and not os.path.isfile(ipes.TEACHER_WEIGHTS):
         raise WeightsNotFoundError(f"IPES.TEACHER_WEIGHTS file not found: {ipes.TEACHER_WEIGHTS}")
 
