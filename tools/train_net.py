@@ -16,8 +16,8 @@ import traceback
 import robustreid  # noqa: F401  (applies compat patches, registers everything)
 from fastreid.engine import default_argument_parser
 from robustreid.config import ConfigError
-from robustreid.engine import (USER_ERRORS, RobustTrainer, build_config, check_resume, launch,
-                               last_checkpoint, preflight, setup)
+from robustreid.engine import (USER_ERRORS, RobustTrainer, build_config, build_trainer,
+                               check_resume, launch, last_checkpoint, preflight, setup)
 
 
 def main(args):
@@ -25,7 +25,7 @@ def main(args):
     if args.eval_only:
         model = RobustTrainer.load_for_eval(cfg)
         return RobustTrainer.test(cfg, model)
-    trainer = RobustTrainer(cfg)
+    trainer = build_trainer(cfg)  # IPESTrainer for IPES.ENABLED configs
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

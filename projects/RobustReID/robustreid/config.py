@@ -307,6 +307,61 @@ def add_robustreid_config(cfg):
     # Noisy copies per forward pass.
     cfg.CERTIFY.BATCH = 200
 
+    # IPES-GAN (thesis ch. 3): unsupervised domain adaptation by cyclic novel-view generation
+    # (modeling/meta_arch/ipes_gan.py, engine/ipes.py). Labelled source: DATASETS.NAMES; unlabelled
+    # target: IPES.TARGET's training split. The identity encoder E_id is the MODEL.* ReID model
+    # (any backbone, EmbeddingHead) and starts from MODEL.WEIGHTS, the source-trained model.
+    # Defaults: the thesis's values (sec. 3.2, 3.3.2); [INF] marks what it leaves open.
+    cfg.IPES = CN()
+    cfg.IPES.ENABLED = False              # MODEL.META_ARCHITECTURE IPESGAN + the IPES trainer
+    cfg.IPES.TARGET = ""                  # registered dataset name (its train split, ids unused)
+    cfg.IPES.TEACHER_WEIGHTS = ""         # E_std of eq. 3.18 (frozen); "" = MODEL.WEIGHTS
+    # Source / target cameras (style encoders' classes, eq. 3.7-3.10); 0 = count the datasets'.
+    cfg.IPES.SOURCE_CAMERAS = 0
+    cfg.IPES.TARGET_CAMERAS = 0
+    # One "epoch" of SOLVER.MAX_EPOCH / CHECKPOINT_PERIOD / TEST.EVAL_PERIOD, in iterations; the
+    # thesis counts iterations (total not given [INF]: configs/IPES train 50 x 1000).
+    cfg.IPES.ITERS_PER_EPOCH = 1000
+    # SOLVER.IMS_PER_BATCH is the whole batch (16), half source, half target (sec. 3.3.2).
+    cfg.IPES.KEYPOINTS = CN()             # 18-channel pose input (robustreid/data/keypoints.py)
+    cfg.IPES.KEYPOINTS.SOURCE = "files"   # "files", "synthreid" or a registered estimator
+    cfg.IPES.KEYPOINTS.DIR = ""           # keypoint files' root; "" = $FASTREID_DATASETS/keypoints
+    cfg.IPES.KEYPOINTS.SIGMA = 6.0        # heatmap std, INPUT.SIZE_TRAIN pixels [INF]
+    cfg.IPES.KEYPOINTS.MIN_VISIBILITY = 2  # draw joints with v >= this (2 visible, 1 occluded)
+    cfg.IPES.GEN = CN()                   # encoders / decoders (sec. 3.3.2; widths [INF])
+    cfg.IPES.GEN.DIM = 64                 # first conv's channels; 2 downsamplings double it twice
+    cfg.IPES.GEN.RES_BLOCKS = 4           # pose encoder's (plain) and decoder's (AdaIN) blocks
+    cfg.IPES.GEN.ASPP_RATES = (1, 2, 4, 6)  # pose encoder's atrous rates (+ image pooling)
+    cfg.IPES.GEN.STYLE_DIM = 64           # style encoder output (6 convs) = camera classifier input
+    cfg.IPES.GEN.MLP_DIM = 256            # MLP from (style, identity) codes to AdaIN parameters
+    cfg.IPES.DIS = CN()                   # LSGAN discriminator (PatchGAN convs [INF])
+    cfg.IPES.DIS.DIM = 64
+    cfg.IPES.DIS.LAYERS = 4               # stride-2 convs before the 1-channel score map
+    cfg.IPES.LOSS = CN()                  # eq. 3.19's weights
+    cfg.IPES.LOSS.CYC = 5.0               # w1, L_cyc (eq. 3.6)
+    cfg.IPES.LOSS.CON = 3.0               # w2, L_con (eq. 3.5): final value of the ramp
+    cfg.IPES.LOSS.CAM = 1.0               # L_cam (eq. 3.11)
+    cfg.IPES.LOSS.ADV = 1.0               # L_adv (eq. 3.12, least squares: LSGAN)
+    cfg.IPES.LOSS.CE = 1.0                # L_CE (eq. 3.15), real source images
+    cfg.IPES.LOSS.SOFT_CE = 0.5           # w3, L_softCE (eq. 3.17), I_S->G
+    cfg.IPES.LOSS.SOFT_CE_EPSILON = 0.1   # epsilon of eq. 3.16 [INF]
+    cfg.IPES.LOSS.KL = 3.0                # w4, L_KL (eq. 3.18): final value of the ramp
+    cfg.IPES.LOSS.RAMP_START = 20000      # w2 = w4 = 0 for these iterations (sec. 3.2.2) ...
+    cfg.IPES.LOSS.RAMP_ITERS = 6000       # ... then linear up to CON / KL over these
+    cfg.IPES.SOLVER = CN()                # sec. 3.3.2
+    cfg.IPES.SOLVER.GEN_LR = 0.0002       # Adam, encoders + decoders (G)
+    cfg.IPES.SOLVER.DIS_LR = 0.0002       # Adam, D
+    cfg.IPES.SOLVER.BETAS = (0.5, 0.999)  # Adam's ("momentum 0.999"; beta1 [INF])
+    cfg.IPES.SOLVER.GEN_WEIGHT_DECAY = 0.0001  # G's and D's [INF]
+    cfg.IPES.SOLVER.ID_LR = 0.001         # SGD, identity encoder E_id
+    cfg.IPES.SOLVER.ID_MOMENTUM = 0.9
+    cfg.IPES.SOLVER.ID_WEIGHT_DECAY = 0.0005   # [INF]
+    cfg.IPES.SOLVER.STEPS = ()            # iterations where every rate x GAMMA (thesis: none)
+    cfg.IPES.SOLVER.GAMMA = 0.1
+    cfg.IPES.VIS = CN()                   # PNG grids in OUTPUT_DIR/ipes_images
+    cfg.IPES.VIS.PERIOD = 1000            # every K iterations (0 = off)
+    cfg.IPES.VIS.PAIRS = 8                # fixed source/target pairs shown
+
     if frozen:
         cfg.freeze()
     return cfg

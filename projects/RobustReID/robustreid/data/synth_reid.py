@@ -12,7 +12,8 @@ walking pose), blur, sensor noise and a time-of-day tint (morning / noon / after
 On-disk format: Market-1501's (``bounding_box_train``, ``bounding_box_test``, ``query``, names like
 ``0002_c1s2_000451_01.jpg``; the ``s`` field is ``time_id + 1``), written on first use under
 ``<root>/<spec.dir_name>`` and read back with fastreid's own Market1501 parser. Per-image side
-information (split, pid, camid, domain, time of day, identity, viewpoint) is stored in
+information (split, pid, camid, domain, time of day, identity, viewpoint, and the figure's 18 2D
+joints in COCO-18 / OpenPose order: ``keypoints``, see robustreid.data.keypoints) is stored in
 ``meta.json`` (see :func:`load_side_info`). Generation is deterministic (same spec -> same bytes)
 and atomic (a temp dir is renamed into place, ``manifest.json`` with the spec hash is written last),
 so an interrupted run never leaves a dataset that is later trusted.
@@ -49,8 +50,8 @@ from .registry import register_dataset
 from fastreid.data.datasets.market1501 import Market1501
 
 from .synth_render import (_TAG_DISTRACTOR, _TAG_IMAGE, _TAG_PLAN, DOMAIN_NAMES, TIME_LABELS,
-                           CameraStyle, Identity, _rng, make_camera_style, make_identity,
-                           render_image)
+                           CameraStyle, Identity, _rng, draw_framing, figure_keypoints,
+                           make_camera_style, make_identity, render_image)
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +59,15 @@ __all__ = [
     "GENERATOR_VERSION", "TIME_LABELS", "DOMAIN_NAMES", "SIDE_INFO_FILE", "MANIFEST_FILE",
     "SynthSpec", "Identity", "CameraStyle", "ImageRecord",
     "make_identity", "make_camera_style", "render_image", "plan_dataset", "spec_hash",
-    "generate_dataset", "ensure_synth_dataset", "is_trusted", "load_side_info", "side_info_for",
+    "generate_dataset", "ensure_synth_dataset", "record_keypoints", "is_trusted", "load_side_info",
+    "side_info_for",
     "SynthReID", "SynthReIDTiny", "SynthReID_D0", "SynthReID_D1", "SynthReID_D2",
     "SynthReIDTiny_D0", "SynthReIDTiny_D1", "SynthReIDTiny_D2",
 ]
 
-# Bump whenever drawing / planning code changes: it is part of the spec hash, so datasets written
-# by older code are regenerated instead of silently reused.
+# Bump whenever drawing / planning code changes the images: it is part of the spec hash, so datasets
+# written by older code are regenerated instead of silently reused. Not bumped for the keypoints in
+# meta.json (same pixels): datasets generated before them get them added (ensure_synth_dataset).
 GENERATOR_VERSION = 1
 
 SIDE_INFO_FILE = "meta.json"
@@ -207,14 +210,27 @@ def _save_jpeg(image: np.ndarray, path: str, quality: int) -> None:
     Image.fromarray(image).save(path, format="JPEG", quality=quality, subsampling=0)
 
 
-def _render_record(spec: SynthSpec, record: ImageRecord, cameras: Sequence[CameraStyle]):
+def _record_identity(spec: SynthSpec, record: ImageRecord):
+    """The image's random stream and the person it shows (its first draw, for a distractor)."""
     rng = _rng(spec.seed, _TAG_IMAGE, spec.id_offset, record.frame)
     if record.pid == 0:  # distractor: a one-off person, or empty background (a false detection)
         identity = None if rng.random() < 0.3 else make_identity(
             spec.seed, spec.id_offset * 1000 + record.frame, tag=_TAG_DISTRACTOR)
     else:
         identity = make_identity(spec.seed, spec.id_offset + record.pid)
+    return rng, identity
+
+
+def _render_record(spec: SynthSpec, record: ImageRecord, cameras: Sequence[CameraStyle]):
+    rng, identity = _record_identity(spec, record)
     return render_image(identity, cameras[record.cam - 1], record.time_id, rng, spec.height, spec.width)
+
+
+def record_keypoints(spec: SynthSpec, record: ImageRecord, cameras: Sequence[CameraStyle]):
+    """The joints :func:`_render_record` reports for ``record``, from its draws alone (no drawing)."""
+    rng, identity = _record_identity(spec, record)
+    framing = draw_framing(identity, cameras[record.cam - 1], rng, spec.height, spec.width)
+    return figure_keypoints(identity, framing.figure, spec.height, spec.width)
 
 
 def _side_info(spec: SynthSpec, record: ImageRecord, view: Dict) -> Dict:
@@ -225,6 +241,7 @@ def _side_info(spec: SynthSpec, record: ImageRecord, view: Dict) -> Dict:
         "domain": domain, "domain_name": DOMAIN_NAMES[domain],
         "time_id": record.time_id, "time": TIME_LABELS[record.time_id],
         "flipped": bool(view["flipped"]), "back_view": bool(view["back_view"]),
+        "keypoints": view["keypoints"],
     }
 
 
@@ -232,6 +249,23 @@ def _write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
+
+
+def _add_missing_keypoints(dataset_dir: str, spec: SynthSpec) -> None:
+    """A dataset generated before meta.json held keypoints gets them, replayed from each image's
+    draws (the pixels are those of today's renderer). The new meta.json replaces the old one in one
+    rename: a reader sees either file whole."""
+    path = osp.join(dataset_dir, SIDE_INFO_FILE)
+    with open(path) as f:
+        meta = json.load(f)
+    if all("keypoints" in info for info in meta.values()):
+        return
+    cameras = [make_camera_style(spec.seed, d, i) for d, i in spec.cameras]
+    for record in plan_dataset(spec):
+        meta[record.rel_path]["keypoints"] = record_keypoints(spec, record, cameras)
+    tmp = "{}.tmp-{}".format(path, uuid.uuid4().hex[:8])
+    _write_json(tmp, meta)
+    os.replace(tmp, path)
 
 
 def generate_dataset(out_dir: str, spec: SynthSpec) -> Dict[str, int]:
@@ -308,6 +342,7 @@ def ensure_synth_dataset(root: str, spec: SynthSpec, verbose: bool = True) -> st
     """Return ``<root>/<spec.dir_name>``, generating it first unless a trusted copy exists."""
     target = osp.join(root, spec.dir_name)
     if is_trusted(target, spec):
+        _add_missing_keypoints(target, spec)
         return target
     os.makedirs(root, exist_ok=True)
     num_images = len(plan_dataset(spec))
@@ -331,7 +366,8 @@ def ensure_synth_dataset(root: str, spec: SynthSpec, verbose: bool = True) -> st
 # ----------------------------------------------------------------------------------------------
 def load_side_info(dataset_dir: str) -> Dict[str, Dict]:
     """``{"bounding_box_train/0001_c1s1_000001_01.jpg": {split, pid, camid, identity, domain,
-    domain_name, time_id, time, flipped, back_view}, ...}`` for a generated dataset."""
+    domain_name, time_id, time, flipped, back_view, keypoints}, ...}`` for a generated dataset
+    (``keypoints``: 18 ``[x, y, v]``, robustreid.data.keypoints)."""
     with open(osp.join(dataset_dir, SIDE_INFO_FILE)) as f:
         return json.load(f)
 

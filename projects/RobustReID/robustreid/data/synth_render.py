@@ -1,16 +1,21 @@
 """Drawing SynthReID images: identities (the signal), camera styles and time of day (nuisance).
 
 Pure numpy; every random draw comes from a seed stream so the same spec renders the same bytes.
-Change anything here and bump ``synth_reid.GENERATOR_VERSION`` so cached datasets are regenerated.
+Change anything that alters pixels and bump ``synth_reid.GENERATOR_VERSION`` so cached datasets are
+regenerated. The figures' 2D joints (:func:`figure_keypoints`) are derived from the draws, never drawn
+themselves: they add no random number to any stream, so every image stays byte-identical
+(tests/test_ipes_keypoints.py pins the pixels).
 """
 from __future__ import annotations
 
 import colorsys
 import functools
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from .keypoint_layout import ABSENT, JOINT, NUM_KEYPOINTS, OCCLUDED, VISIBLE
 
 TIME_LABELS = ("morning", "noon", "afternoon")
 
@@ -232,10 +237,15 @@ def _smooth_noise(rng, h, w, cell):
     return _gaussian_blur(up, cell / 2.0)
 
 
+def _background_pad(w: int) -> int:
+    """Margin of the camera's scene on each side of the frame (images crop it at an offset)."""
+    return max(2, w // 8)
+
+
 @functools.lru_cache(maxsize=64)
 def _camera_background(camera: CameraStyle, h: int, w: int) -> np.ndarray:
     """The camera's fixed scene, rendered larger than the frame so images can crop at an offset."""
-    pad = max(2, w // 8)
+    pad = _background_pad(w)
     ph, pw = h + 2 * pad, w + 2 * pad
     rng = _rng(camera.bg_seed)
     yy, xx = _grid(ph, pw)
@@ -351,27 +361,114 @@ def _draw_person(canvas, identity: Identity, yy, xx, top, cx, hp, facing, back_v
     canvas *= (1.0 - body + body * shade)[..., None]
 
 
-def render_image(identity: Optional[Identity], camera: CameraStyle, time_id: int,
-                 rng: np.random.Generator, height: int, width: int) -> Tuple[np.ndarray, Dict]:
-    """Render one frame; ``identity=None`` gives a background-only crop (a false detection).
+@dataclass(frozen=True)
+class Figure:
+    """Where a person is drawn: head top row, centre column, height (px), view and walking swing."""
+    top: float
+    cx: float
+    hp: float
+    facing: int          # -1: mirrored details (bag side, head offset)
+    back_view: bool
+    swing: float         # horizontal foot offset (px); arms swing opposite
 
-    Returns the uint8 HxWx3 image and the viewpoint facts drawn for it.
-    """
-    yy, xx = _grid(height, width)
-    bg = _camera_background(camera, height, width)
-    pad = (bg.shape[1] - width) // 2
+
+@dataclass(frozen=True)
+class Framing:
+    """Every random draw of one frame before its sensor noise, in the order they are made."""
+    oy: int
+    ox: int
+    exposure: float
+    facing: int
+    back_view: bool
+    figure: Optional[Figure]
+
+
+def draw_framing(identity: Optional[Identity], camera: CameraStyle, rng: np.random.Generator,
+                 height: int, width: int) -> Framing:
+    """Draw the frame's crop offset, exposure, view and (with ``identity``) the figure's placement.
+    :func:`render_image` starts with exactly these draws, so replaying them on a fresh generator of
+    the same seed gives an image's figure without drawing it."""
+    pad = _background_pad(width)
     oy, ox = rng.integers(0, 2 * pad + 1, size=2)
-    canvas = bg[oy:oy + height, ox:ox + width].copy()
-    canvas *= np.float32(rng.uniform(0.92, 1.08))  # per-frame exposure flicker
-
+    exposure = rng.uniform(0.92, 1.08)  # per-frame exposure flicker
     facing = -1 if rng.random() < camera.p_flip else 1
     back_view = bool(rng.random() < camera.p_back)
+    figure = None
     if identity is not None:
         hp = height * identity.height_frac * camera.scale * rng.uniform(0.94, 1.06)
         top = (height - hp) / 2 + rng.uniform(-0.04, 0.04) * height
         cx = width / 2 + rng.uniform(-0.08, 0.08) * width
         swing = rng.uniform(-0.06, 0.06) * hp
-        _draw_person(canvas, identity, yy, xx, top, cx, hp, facing, back_view, swing)
+        figure = Figure(top, cx, hp, facing, back_view, swing)
+    return Framing(int(oy), int(ox), exposure, facing, back_view, figure)
+
+
+def _along(y0, y1, x_top, x_bottom, y):
+    """Column of :func:`_limb`'s centre line at row ``y``."""
+    return x_top + (x_bottom - x_top) * min(max((y - y0) / max(y1 - y0, 1e-3), 0.0), 1.0)
+
+
+def figure_keypoints(identity: Optional[Identity], figure: Optional[Figure], height: int,
+                     width: int) -> List[List[float]]:
+    """The 18 joints (COCO-18 / OpenPose order) of the figure :func:`_draw_person` draws, as
+    ``[x, y, v]`` in pixel coordinates (origin at the image's top-left corner, pixel (i, j) covers
+    [j, j + 1) x [i, i + 1)), rounded to 0.01 px. Each joint lies inside the drawn body part it
+    names. v: 2 visible, 1 occluded (the face of a back view), 0 absent (no figure, or outside the
+    frame). The person's right side is on the image's left in a front view, on its right in a back
+    view; ``facing`` only mirrors the figure's asymmetric details."""
+    points = [[0.0, 0.0, ABSENT] for _ in range(NUM_KEYPOINTS)]
+    if identity is None or figure is None:
+        return points
+    top, cx, hp, swing = figure.top, figure.cx, figure.hp, figure.swing
+    y = lambda f: top + f * hp                     # noqa: E731  (as in _draw_person)
+    sw = 0.13 * hp * identity.width_frac
+    arm_w = 0.045 * hp * identity.width_frac
+    right = 1 if figure.back_view else -1          # image side of the person's right
+    head_cx, head_cy = cx + figure.facing * 0.006 * hp, y(0.075)
+    head_ry, head_rx = 0.07 * hp, 0.055 * hp
+    face = OCCLUDED if figure.back_view else VISIBLE
+
+    def put(joint, x, y_, v=VISIBLE):
+        points[JOINT[joint]] = [x, y_, v]
+
+    put("nose", head_cx, head_cy + 0.2 * head_ry, face)
+    put("neck", cx, y(0.15))
+    for prefix, side in (("r_", right), ("l_", -right)):
+        x_sh = cx + side * (sw + arm_w * 0.6)
+        x_hand = x_sh + side * 0.02 * hp - side * swing * 0.6
+        for joint, f in (("shoulder", 0.17), ("elbow", 0.335), ("wrist", 0.50)):
+            put(prefix + joint, _along(y(0.15), y(0.52), x_sh, x_hand, y(f)), y(f))
+        x_hip = cx + side * 0.055 * hp
+        x_foot = x_hip + side * swing
+        for joint, f in (("hip", 0.52), ("knee", 0.70), ("ankle", 0.93)):
+            put(prefix + joint, _along(y(0.50), y(0.95), x_hip, x_foot, y(f)), y(f))
+        put(prefix + "eye", head_cx + side * 0.4 * head_rx, head_cy - 0.05 * head_ry, face)
+        put(prefix + "ear", head_cx + side * 0.6 * head_rx, head_cy)
+    for point in points:
+        x, y_ = point[0], point[1]
+        point[0], point[1] = round(float(x), 2), round(float(y_), 2)
+        if not (0.0 <= x < width and 0.0 <= y_ < height):
+            point[2] = ABSENT
+    return points
+
+
+def render_image(identity: Optional[Identity], camera: CameraStyle, time_id: int,
+                 rng: np.random.Generator, height: int, width: int) -> Tuple[np.ndarray, Dict]:
+    """Render one frame; ``identity=None`` gives a background-only crop (a false detection).
+
+    Returns the uint8 HxWx3 image and the viewpoint facts drawn for it (``keypoints``: the
+    figure's joints, :func:`figure_keypoints`).
+    """
+    yy, xx = _grid(height, width)
+    bg = _camera_background(camera, height, width)
+    framing = draw_framing(identity, camera, rng, height, width)
+    canvas = bg[framing.oy:framing.oy + height, framing.ox:framing.ox + width].copy()
+    canvas *= np.float32(framing.exposure)
+
+    figure = framing.figure
+    if figure is not None:
+        _draw_person(canvas, identity, yy, xx, figure.top, figure.cx, figure.hp, figure.facing,
+                     figure.back_view, figure.swing)
 
     gain, tint = _TIME_LIGHT[time_id]
     canvas *= np.asarray(camera.cast, np.float32) * np.float32(camera.gain * gain)
@@ -380,4 +477,5 @@ def render_image(identity: Optional[Identity], camera: CameraStyle, time_id: int
     canvas = _gaussian_blur(canvas, camera.blur)
     canvas += rng.normal(0.0, camera.noise, canvas.shape).astype(np.float32)
     image = (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return image, {"flipped": facing < 0, "back_view": back_view}
+    return image, {"flipped": framing.facing < 0, "back_view": framing.back_view,
+                   "keypoints": figure_keypoints(identity, figure, height, width)}

@@ -139,7 +139,8 @@ def inference_tensor_names(model, cfg):
 
 
 # Parts a training run adds to a model it fine-tunes (they start from their own initialisation):
-# a checkpoint without them is a valid MODEL.WEIGHTS for training, not for evaluation.
+# a checkpoint without them is a valid MODEL.WEIGHTS for training, not for evaluation. A
+# meta-architecture names its own in its ADDED_BY_TRAINING attribute (IPESGAN: its generator, ...).
 ADDED_BY_TRAINING = ("noise_modules.",)
 
 
@@ -211,7 +212,8 @@ def check_checkpoint_fits(cfg, checkpoint, label, training=False, strict=False):
             used = inference_tensor_names(model, cfg)
         except RuntimeError as e:  # reported after the weights, the likelier cause
             failure = str(e).splitlines()[0]
-    problem = fit_problem(incompatible, used, ADDED_BY_TRAINING if training else (), strict)
+    added = ADDED_BY_TRAINING + tuple(getattr(model, "ADDED_BY_TRAINING", ()))
+    problem = fit_problem(incompatible, used, added if training else (), strict)
     if problem:
         raise ConfigError(f"{label} does not match the config: {problem}")
     if failure:

@@ -180,7 +180,12 @@ def preflight(cfg, eval_only=False, world_size=1):
         check_dml_defense_config(cfg)
         check_mpsnn_config(cfg)
         check_proxy_anchor_config(cfg)
-        check_train_batches(cfg, training_items(cfg), world_size)
+        if cfg.IPES.ENABLED:  # its two streams and keypoints (engine/ipes.py imports this module)
+            from .ipes import check_ipes_training
+
+            check_ipes_training(cfg, world_size)
+        else:
+            check_train_batches(cfg, training_items(cfg), world_size)
     train_names = () if eval_only else cfg.DATASETS.NAMES
     check_datasets(train_names, cfg.DATASETS.TESTS, verify=cfg.DATALOADER.VERIFY_IMAGES)
     if cfg.TEST.ROBUST.ENABLED:
@@ -216,6 +221,8 @@ class RobustTrainer(DefaultTrainer):
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
+        if cfg.IPES.ENABLED:
+            raise ConfigError("IPES.ENABLED configs train with IPESTrainer (engine.build_trainer)")
         check_training_config(cfg)
         check_dml_defense_config(cfg)
         check_mpsnn_config(cfg)
