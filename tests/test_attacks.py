@@ -331,6 +331,27 @@ def test_eot_gradient_is_the_mean_of_the_draws_gradients_by_hand():
     assert (adv - x).abs().max() <= 8 / 255 + 1e-6
 
 
+def test_eot_on_a_deterministic_model_is_one_draw_and_its_probe_draws_no_random_number():
+    """EOT over N draws of a model without randomness is N copies of one forward: the attack runs
+    one (same images as EOT 1, a tenth of the forwards); a stochastic model keeps its N draws; the
+    probe that tells them apart leaves torch's generator where it was."""
+    guides = GuideSet(GUIDE_FEATURES, GUIDE_PIDS)
+    forwards = {}
+    for sign_flip in (False, True):
+        for n in (1, 10):
+            model = LinearReid(A2, W2, sign_flip=sign_flip)
+            attack = EOTAttack(build_attack("FNA", ReidFeatureExtractor(model), eps=8, steps=3), n)
+            torch.manual_seed(0)
+            adv = attack.perturb(X, PIDS, guides, SAMPLE_INDEX)
+            if not sign_flip:  # EOT 10 = EOT 1, image for image, generator left alike
+                first = forwards.setdefault("first", (adv, torch.get_rng_state()))
+                assert torch.equal(adv, first[0]) and torch.equal(torch.get_rng_state(), first[1])
+            forwards[sign_flip, n] = len(model.inputs)
+    # the probe: one forward of one image, a second one when the first drew no random number
+    assert forwards[False, 10] == forwards[False, 1] + 2
+    assert forwards[True, 10] == 10 * forwards[True, 1] + 1
+
+
 # --- defenses and BPDA -----------------------------------------------------------------------------
 def test_bit_squeezing_gradient_is_zero_without_bpda_and_identity_with():
     x = torch.rand(2, 3, 8, 4)

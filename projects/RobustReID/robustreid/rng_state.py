@@ -118,3 +118,19 @@ class PythonRandomState:
     def load_state_dict(self, state):
         version, internal, gauss = state["state"]
         self.rng.setstate((version, tuple(internal), gauss))
+
+
+def _equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+def unchanged_since(state):
+    """Whether every global generator is still at the :func:`capture`'d ``state``."""
+    return _equal(state, capture())
+

@@ -1,7 +1,7 @@
 """The attack object shared by every registered attack: settings, guides, EOT, and perturb()."""
 import torch
 
-from .eot import averaged_objective, expected_output, identity
+from .eot import averaged_objective, draws_needed, expected_output, identity
 from .guides import GuideSet
 from .iterative import random_start, sign_gradient_ascent
 from .losses import DISTANCES
@@ -15,7 +15,8 @@ class ReidAttack:
     ``eps`` and ``step_size`` are in 1/255 units (``eps=8`` is 8/255); ``step_size=None`` takes the
     attack's published default (see each class). ``distance`` is "euclidean" (squared L2) or
     "cosine". ``rand_init=None`` keeps the attack's default start (x, or a uniform point of the
-    eps-ball). ``eot_samples`` > 1 averages every gradient over that many forwards (EOT).
+    eps-ball). ``eot_samples`` > 1 averages every gradient over that many forwards (EOT); a model
+    whose two forwards agree bitwise (no randomness) gets one (eot.draws_needed).
 
     Subclasses set ``predict`` (features or logits), ``build_loss()`` and may override
     ``default_step_size()``, ``input_transforms()`` and ``ascend()``.
@@ -77,9 +78,9 @@ class ReidAttack:
         """Step size in 1/255 units when none is given: 1/255 (Bai et al.; Bouniot et al.'s code)."""
         return 1.0
 
-    def input_transforms(self):
-        """The transforms whose losses are averaged at each step: one identity per EOT sample."""
-        return [identity] * self.eot_samples
+    def input_transforms(self, draws):
+        """The transforms whose losses are averaged at each step: one identity per EOT draw."""
+        return [identity] * draws
 
     def ascend(self, x, targets, predict, loss_fn, delta_init):
         """The engine: advertorch's sign-gradient ascent by default."""
@@ -127,15 +128,16 @@ class ReidAttack:
         if guides is not None and (self.loss.needs_guides or self.loss.needs_clean_features):
             sample_index = guides.check_batch(pids, sample_index)
         clean = None
+        draws = draws_needed(self.predict, x, self.eot_samples)
         if self.loss.needs_guides and guides is None:  # DDDefense eq. 3 during training: A = the batch
-            clean = expected_output(self.predict, x, self.eot_samples)
+            clean = expected_output(self.predict, x, draws)
             guides, sample_index = GuideSet(clean, pids), torch.arange(len(x), device=x.device)
         elif self.loss.needs_clean_features:
             if guides is not None and sample_index is not None:  # its guide row is its clean feature
                 clean = guides.features[sample_index]
             else:
-                clean = expected_output(self.predict, x, self.eot_samples)
+                clean = expected_output(self.predict, x, draws)
         targets = self.loss.targets(guides=guides, pids=pids, clean_features=clean,
                                     sample_index=sample_index)
-        predict, loss_fn = averaged_objective(self.predict, self.loss, self.input_transforms())
+        predict, loss_fn = averaged_objective(self.predict, self.loss, self.input_transforms(draws))
         return targets, predict, loss_fn

@@ -5,6 +5,7 @@ import copy
 
 import torch
 
+from .. import rng_state
 from .validation import positive_int
 
 
@@ -26,6 +27,25 @@ def averaged_objective(predict, loss_fn, transforms):
         return sum(loss_fn(output, targets) for output in outputs) / len(outputs)
 
     return predict_all, mean_loss
+
+
+@torch.no_grad()
+def draws_needed(predict, x, num_samples):
+    """``num_samples``, or 1 when ``predict`` is deterministic: the mean over N draws of a model
+    without randomness is N copies of one forward, so EOT on an undefended model would cost N times
+    as much for the same gradient. Stochastic: one forward of one image draws from a global random
+    generator (noise modules, randomized defenses), or two forwards differ (a private generator).
+    The probe leaves every generator where it was: attack results do not depend on it."""
+    if num_samples == 1:
+        return 1
+    state = rng_state.capture()
+    try:
+        first = predict(x[:1])
+        drew = not rng_state.unchanged_since(state)
+        stochastic = drew or not torch.equal(first, predict(x[:1]))
+    finally:
+        rng_state.restore(state)
+    return num_samples if stochastic else 1
 
 
 @torch.no_grad()

@@ -150,9 +150,9 @@ class SINIFGSM(NIFGSM):
         self.scales = positive_int(scales, "scales")
         super().__init__(extractor, **kwargs)
 
-    def input_transforms(self):
+    def input_transforms(self, draws):
         copies = [_Scale(0.5 ** i) for i in range(self.scales)]
-        return [scaled for scaled in copies for _ in range(self.eot_samples)]
+        return [scaled for scaled in copies for _ in range(draws)]
 
 
 class _Scale:
