@@ -21,5 +21,8 @@ setup(
         "cpu": ["faiss-cpu>=1.7.3"],
         "gpu": ["faiss-gpu"],
         "test": ["pytest>=7", "pytest-timeout"],
+        # tools/robust_eval.py --protocol corruptions; imagecorruptions itself is installed with
+        # --no-deps by scripts/setup.sh (it requires opencv-python beside the headless cv2).
+        "corruptions": ["scikit-image>=0.21"],
     },
 )

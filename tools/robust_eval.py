@@ -37,6 +37,16 @@ results.md: rows Clean and PGD-<steps> <eps>/255 with NMI, F1, R@k (TEST.CLUSTER
 an ERS-style summary (the mean over those metrics of attacked / clean, in percent). The options of
 the query/gallery protocol (--attack-gallery, --guides, --eot, --defense, --bpda, --surrogate-*,
 --attack-option, --sanity) exit 2 naming the option.
+
+--protocol corruptions is CIL-ReID's common-corruption benchmark on the fly
+(robustreid/data/corruptions.py, robustreid/evaluation/corruption_evaluator.py): every
+--corruptions (all = imagecorruptions' 19, or NAME,...) at every --severity (1-5, or e.g. 1,3,5)
+corrupts the query and gallery images (--corrupt both, CIL-ReID's "corrupted eval"; query or
+gallery: one side), seeded by ROBUSTREID.SEED, nothing written to disk; plus CIL-ReID's headline
+cell, a corruption and a severity drawn per image. Writes results.json, results.md (CIL-ReID's
+clean / corruption table, severity x corruption mAP with the means per severity and corruption,
+mCE-style averages) and corruption_heatmap.png. --max-queries works as above; the attack options
+exit 2 naming the option.
 """
 import argparse
 import os
@@ -52,7 +62,10 @@ from robustreid.config import ConfigError, load_config
 from robustreid.engine import (USER_ERRORS, RobustTrainer, check_output_dir, check_weights,
                                check_weights_fit, preflight, setup)
 from robustreid.engine.eat import default_step_size
+from robustreid.data.corruptions import CORRUPTIONS, SEVERITIES
 from robustreid.evaluation.clustering_evaluator import check_clustering_config
+from robustreid.evaluation.corruption_evaluator import CORRUPTED_SIDES, CorruptionEvaluator
+from robustreid.evaluation.corruption_report import corruption_markdown, write_corruption_report
 from robustreid.evaluation.guide_choice import check_guides
 from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
                                           check_attack_settings, parse_attack_options,
@@ -65,7 +78,7 @@ from robustreid.evaluation.robust_clustering import (ATTACK as CLUSTERING_ATTACK
 OPTION_NAMES = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
                 "distance": "--distance", "eot": "--eot", "options": "--attack-option",
                 "guides": "--guides"}
-PROTOCOLS = ("retrieval", "clustering")
+PROTOCOLS = ("retrieval", "clustering", "corruptions")
 # --attacks/--eps/--steps when not given; clustering: the paper's test attack, PGD-10 at 8/255.
 PROTOCOL_DEFAULTS = {"retrieval": {"attacks": "FNA,SMA,IFGSM", "eps": "8,10", "steps": "16"},
                      "clustering": {"attacks": CLUSTERING_ATTACK, "eps": "8", "steps": "10"}}
@@ -75,6 +88,10 @@ RETRIEVAL_ONLY = {"attack_gallery": "--attack-gallery", "guides": "--guides", "e
                   "surrogate_config": "--surrogate-config",
                   "surrogate_weights": "--surrogate-weights", "attack_option": "--attack-option",
                   "sanity": "--sanity"}
+ATTACK_SETTINGS = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
+                   "step_size": "--step-size", "distance": "--distance"}
+CORRUPTION_ONLY = {"corruptions": "--corruptions", "severity": "--severity", "corrupt": "--corrupt"}
+CORRUPTION_DEFAULTS = {"corruptions": "all", "severity": "1-5", "corrupt": "both"}
 
 
 def build_parser():
@@ -111,6 +128,11 @@ def build_parser():
                         help="keyword option of one attack, e.g. WMA:loss=fna (repeatable)")
     parser.add_argument("--output", default="", help="default: OUTPUT_DIR/robust_eval")
     parser.add_argument("--sanity", action="store_true", help="run the self-checks too")
+    parser.add_argument("--corruptions", help="corruptions protocol: all (default) or NAME,...")
+    parser.add_argument("--severity", help="corruptions protocol: severities, 1-5 (default) or "
+                                           "e.g. 1,3,5")
+    parser.add_argument("--corrupt", choices=CORRUPTED_SIDES,
+                        help="corruptions protocol: the corrupted side(s) (default both)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="MODEL.WEIGHTS path and KEY VALUE pairs")
     return parser
 
@@ -137,14 +159,18 @@ def _attack_options(ns):
             for key in ("attacks", "eps", "steps")}
 
 
+def refuse_options(ns, options, why):
+    """ConfigError naming the first of ``options`` (dest -> flag) given on the command line."""
+    parser = build_parser()
+    given = [flag for dest, flag in options.items() if getattr(ns, dest) != parser.get_default(dest)]
+    if given:
+        raise ConfigError(f"{given[0]} {why}")
+
+
 def parse_clustering_settings(ns):
     """The clustering protocol's settings (ConfigError naming the option at fault)."""
-    parser = build_parser()
-    given = [flag for dest, flag in RETRIEVAL_ONLY.items()
-             if getattr(ns, dest) != parser.get_default(dest)]
-    if given:
-        raise ConfigError(f"{given[0]} applies to --protocol retrieval only (the clustering "
-                          "protocol attacks every test sample with PGD)")
+    refuse_options(ns, RETRIEVAL_ONLY, "applies to --protocol retrieval only (the clustering "
+                                       "protocol attacks every test sample with PGD)")
     options = _attack_options(ns)
     attacks = [a.strip() for a in options["attacks"].split(",") if a.strip()]
     if attacks != [CLUSTERING_ATTACK]:
@@ -159,8 +185,47 @@ def parse_clustering_settings(ns):
     return settings
 
 
+def parse_severities(text):
+    """"1-5", "3" or "1,3,5" -> sorted severities, or ConfigError naming --severity."""
+    low, dash, high = text.partition("-")
+    try:
+        values = (list(range(int(low), int(high) + 1)) if dash
+                  else [int(v) for v in text.split(",") if v.strip()])
+    except ValueError:
+        values = []
+    if not values or any(v not in SEVERITIES for v in values):
+        raise ConfigError(f"--severity {text!r}: give severities in 1-5 as a range (1-5) or a "
+                          "list (1,3,5)")
+    return sorted(set(values))
+
+
+def parse_corruption_names(text):
+    """"all" or NAME,... -> corruption names, or ConfigError naming --corruptions."""
+    names = list(CORRUPTIONS) if text.strip() == "all" else list(dict.fromkeys(
+        n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in CORRUPTIONS]
+    if not names or unknown:
+        raise ConfigError(f"--corruptions: unknown corruption(s) {unknown or [text]}; known: all, "
+                          f"{', '.join(CORRUPTIONS)}")
+    return names
+
+
+def parse_corruption_settings(ns):
+    """The corruptions protocol's settings (ConfigError naming the option at fault)."""
+    refuse_options(ns, {**RETRIEVAL_ONLY, **ATTACK_SETTINGS},
+                   "is an attack option; --protocol corruptions attacks nothing")
+    options = {key: CORRUPTION_DEFAULTS[key] if getattr(ns, key) is None else getattr(ns, key)
+               for key in CORRUPTION_ONLY}
+    return dict(protocol="corruptions", corruptions=parse_corruption_names(options["corruptions"]),
+                severities=parse_severities(options["severity"]), corrupt=options["corrupt"],
+                max_queries=_numbers(ns.max_queries, "--max-queries", int, minimum=0)[0])
+
+
 def parse_settings(ns):
     """Attack settings from the command line, every one validated (ConfigError naming the option)."""
+    if ns.protocol == "corruptions":
+        return parse_corruption_settings(ns)
+    refuse_options(ns, CORRUPTION_ONLY, "applies to --protocol corruptions only")
     if ns.protocol == "clustering":
         return parse_clustering_settings(ns)
     options = _attack_options(ns)
@@ -189,7 +254,7 @@ def parse_settings(ns):
 def check_inputs(ns):
     """Every check that can fail, before any work (and printing nothing): (settings, cfg, defense)."""
     settings = parse_settings(ns)
-    unitless = [a for a in settings["attacks"] if eps_unit(a) != "/255"]
+    unitless = [a for a in settings.get("attacks", []) if eps_unit(a) != "/255"]
     if ns.sanity and unitless:  # its checks (noise baseline, huge budget) are L-inf constructions
         raise ConfigError(f"--sanity checks L-inf attacks only; run {', '.join(unitless)} without it")
     cfg = load_config(ns.config_file, ns.opts)
@@ -197,6 +262,9 @@ def check_inputs(ns):
         raise ConfigError("no weights to evaluate: pass MODEL.WEIGHTS /path/to/model_final.pth")
     check_output_dir(report_dir(ns, cfg), "--output" if ns.output else "OUTPUT_DIR/robust_eval")
     preflight(cfg, eval_only=True)  # weights file and fit, datasets, images
+    if settings["protocol"] == "corruptions":
+        check_imagecorruptions()
+        return settings, cfg, None
     if settings["protocol"] == "clustering":
         check_clustering_config(cfg)  # whatever TEST.EVALUATOR says
         check_sample_counts(cfg, settings["max_queries"], max(cfg.ROBUSTREID.SEED, 0))
@@ -208,6 +276,15 @@ def check_inputs(ns):
         check_weights_fit(surrogate_cfg)
     defense = build_defense(settings["defense"], bpda=settings["bpda"]) if settings["defense"] else None
     return settings, cfg, defense
+
+
+def check_imagecorruptions():
+    """ConfigError unless the imagecorruptions package imports (robustreid.compat adapts it)."""
+    try:
+        import imagecorruptions  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"--protocol corruptions needs the imagecorruptions package ({e}): "
+                          "pip install --no-deps imagecorruptions==1.1.2 scikit-image") from None
 
 
 def report_dir(ns, cfg):
@@ -235,6 +312,17 @@ def run(ns, settings, checked_cfg, defense):
     cfg = setup(argparse.Namespace(config_file=ns.config_file, eval_only=True,
                                    opts=[*ns.opts, "OUTPUT_DIR", output]))
     model = RobustTrainer.load_for_eval(cfg)
+    if settings["protocol"] == "corruptions":
+        start = time.perf_counter()
+        datasets = [CorruptionEvaluator(cfg, model, name, corrupt=settings["corrupt"],
+                                        max_queries=settings["max_queries"],
+                                        seed=max(cfg.ROBUSTREID.SEED, 0))
+                    .run(settings["corruptions"], settings["severities"])
+                    for name in cfg.DATASETS.TESTS]
+        report = build_report(report_settings(ns, settings, cfg, output), datasets,
+                              time.perf_counter() - start)
+        write_corruption_report(report, output)
+        return report, []
     if settings["protocol"] == "clustering":
         start = time.perf_counter()
         datasets = run_clustering(settings, cfg, model)
@@ -287,7 +375,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     report, checks = run(ns, settings, cfg, defense)
-    markdown = clustering_markdown if settings["protocol"] == "clustering" else robust_markdown
+    markdown = {"clustering": clustering_markdown,
+                "corruptions": corruption_markdown}.get(settings["protocol"], robust_markdown)
     print("\n" + markdown(report))
     print(f"report: {report['settings']['output_dir']}")
     for name, check in checks:
