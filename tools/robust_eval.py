@@ -47,6 +47,13 @@ cell, a corruption and a severity drawn per image. Writes results.json, results.
 clean / corruption table, severity x corruption mAP with the means per severity and corruption,
 mCE-style averages) and corruption_heatmap.png. --max-queries works as above; the attack options
 exit 2 naming the option.
+
+--protocol query runs query-based black-box attacks on the model's retrieval output only
+(robustreid/attacks/query_based.py; no gradient, no feature): --attacks NES (score-based: NES
+estimates of a margin read off the query's distances to the gallery, L-inf sign steps) and/or HSJA
+(decision-based: HopSkipJump, L-inf, on "no same-ID gallery image in the top 1"), default both, at
+each --eps (default 8) with each --query-budget per image (default 1000), enforced; the queries
+used per image are reported. Writes results.json, results.md and mAP_vs_eps.png.
 """
 import argparse
 import os
@@ -57,7 +64,7 @@ import robustreid  # noqa: F401  (compat patches + registrations)
 from robustreid.checksums import sha256_of
 from robustreid.cli import OneLineParser, report_misplaced_flags
 from robustreid.attacks import (AttackConfigError, build_defense, build_surrogate_extractor,
-                                eps_unit)
+                                eps_from_255, eps_unit)
 from robustreid.config import ConfigError, load_config
 from robustreid.engine import (USER_ERRORS, RobustTrainer, check_output_dir, check_weights,
                                check_weights_fit, preflight, setup)
@@ -67,6 +74,8 @@ from robustreid.evaluation.clustering_evaluator import check_clustering_config
 from robustreid.evaluation.corruption_evaluator import CORRUPTED_SIDES, CorruptionEvaluator
 from robustreid.evaluation.corruption_report import corruption_markdown, write_corruption_report
 from robustreid.evaluation.guide_choice import check_guides
+from robustreid.evaluation.query_attack_evaluator import QueryAttackEvaluator, query_grid
+from robustreid.evaluation.query_attack_report import query_markdown, write_query_report
 from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
                                           check_attack_settings, parse_attack_options,
                                           robust_markdown, sanity_checks, write_report)
@@ -78,10 +87,11 @@ from robustreid.evaluation.robust_clustering import (ATTACK as CLUSTERING_ATTACK
 OPTION_NAMES = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
                 "distance": "--distance", "eot": "--eot", "options": "--attack-option",
                 "guides": "--guides"}
-PROTOCOLS = ("retrieval", "clustering", "corruptions")
+PROTOCOLS = ("retrieval", "clustering", "corruptions", "query")
 # --attacks/--eps/--steps when not given; clustering: the paper's test attack, PGD-10 at 8/255.
 PROTOCOL_DEFAULTS = {"retrieval": {"attacks": "FNA,SMA,IFGSM", "eps": "8,10", "steps": "16"},
-                     "clustering": {"attacks": CLUSTERING_ATTACK, "eps": "8", "steps": "10"}}
+                     "clustering": {"attacks": CLUSTERING_ATTACK, "eps": "8", "steps": "10"},
+                     "query": {"attacks": "NES,HSJA", "eps": "8", "steps": None}}
 # Options of the query/gallery protocol that the clustering protocol has no counterpart for.
 RETRIEVAL_ONLY = {"attack_gallery": "--attack-gallery", "guides": "--guides", "eot": "--eot",
                   "defense": "--defense", "bpda": "--bpda",
@@ -92,6 +102,7 @@ ATTACK_SETTINGS = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
                    "step_size": "--step-size", "distance": "--distance"}
 CORRUPTION_ONLY = {"corruptions": "--corruptions", "severity": "--severity", "corrupt": "--corrupt"}
 CORRUPTION_DEFAULTS = {"corruptions": "all", "severity": "1-5", "corrupt": "both"}
+QUERY_ONLY = {"query_budget": "--query-budget"}
 
 
 def build_parser():
@@ -128,6 +139,9 @@ def build_parser():
                         help="keyword option of one attack, e.g. WMA:loss=fna (repeatable)")
     parser.add_argument("--output", default="", help="default: OUTPUT_DIR/robust_eval")
     parser.add_argument("--sanity", action="store_true", help="run the self-checks too")
+    parser.add_argument("--query-budget", default=None,
+                        help="query protocol: queries per attacked image, comma-separated "
+                             "(default 1000)")
     parser.add_argument("--corruptions", help="corruptions protocol: all (default) or NAME,...")
     parser.add_argument("--severity", help="corruptions protocol: severities, 1-5 (default) or "
                                            "e.g. 1,3,5")
@@ -221,11 +235,34 @@ def parse_corruption_settings(ns):
                 max_queries=_numbers(ns.max_queries, "--max-queries", int, minimum=0)[0])
 
 
+def parse_query_settings(ns):
+    """The query-based protocol's settings (ConfigError naming the option at fault)."""
+    refuse_options(ns, {**RETRIEVAL_ONLY, "steps": "--steps", "step_size": "--step-size",
+                        "distance": "--distance"},
+                   "does not apply to --protocol query (the attacker sees the retrieval output "
+                   "only; its budgets are --eps and --query-budget)")
+    options = _attack_options(ns)
+    attacks = [a.strip() for a in options["attacks"].split(",") if a.strip()]
+    eps = _numbers(options["eps"], "--eps", float, minimum=0)
+    budgets = _numbers(ns.query_budget or "1000", "--query-budget", int, minimum=1)
+    for value in eps:
+        try:
+            eps_from_255(value)
+        except AttackConfigError as e:
+            raise ConfigError(f"--eps: {e}") from None
+    query_grid(attacks, eps, budgets)  # names checked
+    return dict(protocol="query", attacks=attacks, eps=eps, query_budgets=budgets,
+                max_queries=_numbers(ns.max_queries, "--max-queries", int, minimum=0)[0])
+
+
 def parse_settings(ns):
     """Attack settings from the command line, every one validated (ConfigError naming the option)."""
     if ns.protocol == "corruptions":
         return parse_corruption_settings(ns)
     refuse_options(ns, CORRUPTION_ONLY, "applies to --protocol corruptions only")
+    if ns.protocol == "query":
+        return parse_query_settings(ns)
+    refuse_options(ns, QUERY_ONLY, "applies to --protocol query only")
     if ns.protocol == "clustering":
         return parse_clustering_settings(ns)
     options = _attack_options(ns)
@@ -264,6 +301,8 @@ def check_inputs(ns):
     preflight(cfg, eval_only=True)  # weights file and fit, datasets, images
     if settings["protocol"] == "corruptions":
         check_imagecorruptions()
+        return settings, cfg, None
+    if settings["protocol"] == "query":
         return settings, cfg, None
     if settings["protocol"] == "clustering":
         check_clustering_config(cfg)  # whatever TEST.EVALUATOR says
@@ -323,6 +362,16 @@ def run(ns, settings, checked_cfg, defense):
                               time.perf_counter() - start)
         write_corruption_report(report, output)
         return report, []
+    if settings["protocol"] == "query":
+        start = time.perf_counter()
+        cells = query_grid(settings["attacks"], settings["eps"], settings["query_budgets"])
+        datasets = [QueryAttackEvaluator(cfg, model, name, max_queries=settings["max_queries"],
+                                         seed=max(cfg.ROBUSTREID.SEED, 0)).run(cells)
+                    for name in cfg.DATASETS.TESTS]
+        report = build_report(report_settings(ns, settings, cfg, output), datasets,
+                              time.perf_counter() - start)
+        write_query_report(report, output)
+        return report, []
     if settings["protocol"] == "clustering":
         start = time.perf_counter()
         datasets = run_clustering(settings, cfg, model)
@@ -376,7 +425,8 @@ def main(argv=None):
         return 2
     report, checks = run(ns, settings, cfg, defense)
     markdown = {"clustering": clustering_markdown,
-                "corruptions": corruption_markdown}.get(settings["protocol"], robust_markdown)
+                "corruptions": corruption_markdown,
+                "query": query_markdown}.get(settings["protocol"], robust_markdown)
     print("\n" + markdown(report))
     print(f"report: {report['settings']['output_dir']}")
     for name, check in checks:
