@@ -54,6 +54,13 @@ estimates of a margin read off the query's distances to the gallery, L-inf sign 
 (decision-based: HopSkipJump, L-inf, on "no same-ID gallery image in the top 1"), default both, at
 each --eps (default 8) with each --query-budget per image (default 1000), enforced; the queries
 used per image are reported. Writes results.json, results.md and mAP_vs_eps.png.
+
+--protocol uap learns one universal L-inf perturbation per --eps (default 8) x --steps (default 100
+sign-gradient steps of --step-size, default 1/255, on batches of TEST.IMS_PER_BATCH) on the training
+images of DATASETS.NAMES, pushing features away from the clean ones (--distance), and adds it to
+every test query (robustreid/attacks/universal.py); --surrogate-config/--surrogate-weights learn it
+on another model (transfer). Writes results.json, results.md (with how each perturbation was
+learned) and mAP_vs_eps.png.
 """
 import argparse
 import os
@@ -74,8 +81,10 @@ from robustreid.evaluation.clustering_evaluator import check_clustering_config
 from robustreid.evaluation.corruption_evaluator import CORRUPTED_SIDES, CorruptionEvaluator
 from robustreid.evaluation.corruption_report import corruption_markdown, write_corruption_report
 from robustreid.evaluation.guide_choice import check_guides
+from robustreid.evaluation.universal_evaluator import UAPCell, UAPEvaluator
 from robustreid.evaluation.query_attack_evaluator import QueryAttackEvaluator, query_grid
-from robustreid.evaluation.query_attack_report import query_markdown, write_query_report
+from robustreid.evaluation.protocol_reports import (query_markdown, uap_markdown,
+                                                     write_protocol_report)
 from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
                                           check_attack_settings, parse_attack_options,
                                           robust_markdown, sanity_checks, write_report)
@@ -87,11 +96,12 @@ from robustreid.evaluation.robust_clustering import (ATTACK as CLUSTERING_ATTACK
 OPTION_NAMES = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
                 "distance": "--distance", "eot": "--eot", "options": "--attack-option",
                 "guides": "--guides"}
-PROTOCOLS = ("retrieval", "clustering", "corruptions", "query")
+PROTOCOLS = ("retrieval", "clustering", "corruptions", "query", "uap")
 # --attacks/--eps/--steps when not given; clustering: the paper's test attack, PGD-10 at 8/255.
 PROTOCOL_DEFAULTS = {"retrieval": {"attacks": "FNA,SMA,IFGSM", "eps": "8,10", "steps": "16"},
                      "clustering": {"attacks": CLUSTERING_ATTACK, "eps": "8", "steps": "10"},
-                     "query": {"attacks": "NES,HSJA", "eps": "8", "steps": None}}
+                     "query": {"attacks": "NES,HSJA", "eps": "8", "steps": None},
+                     "uap": {"attacks": "UAP", "eps": "8", "steps": "100"}}
 # Options of the query/gallery protocol that the clustering protocol has no counterpart for.
 RETRIEVAL_ONLY = {"attack_gallery": "--attack-gallery", "guides": "--guides", "eot": "--eot",
                   "defense": "--defense", "bpda": "--bpda",
@@ -255,6 +265,29 @@ def parse_query_settings(ns):
                 max_queries=_numbers(ns.max_queries, "--max-queries", int, minimum=0)[0])
 
 
+def parse_uap_settings(ns):
+    """The universal-perturbation protocol's settings (ConfigError naming the option at fault)."""
+    refuse_options(ns, {dest: flag for dest, flag in RETRIEVAL_ONLY.items()
+                        if not dest.startswith("surrogate_")},
+                   "does not apply to --protocol uap (one perturbation learned on training images "
+                   "for every query)")
+    options = _attack_options(ns)
+    if options["attacks"].strip() != "UAP":
+        raise ConfigError(f"--attacks {options['attacks']!r}: --protocol uap learns a universal "
+                          "perturbation, attack UAP")
+    settings = dict(protocol="uap", attacks=["UAP"], eps=_numbers(options["eps"], "--eps", float),
+                    steps=_numbers(options["steps"], "--steps", int), distance=ns.distance,
+                    max_queries=_numbers(ns.max_queries, "--max-queries", int, minimum=0)[0],
+                    step_size=_numbers(ns.step_size, "--step-size", float, minimum=0)[0] or None,
+                    surrogate_config=ns.surrogate_config or None,
+                    surrogate_weights=ns.surrogate_weights or None)
+    check_attack_settings(["SMA"], settings["eps"], settings["steps"], ns.distance, 1,
+                          OPTION_NAMES)  # L-inf budgets, positive steps, a known distance
+    if bool(ns.surrogate_config) != bool(ns.surrogate_weights):
+        raise ConfigError("a transfer attack needs both --surrogate-config and --surrogate-weights")
+    return settings
+
+
 def parse_settings(ns):
     """Attack settings from the command line, every one validated (ConfigError naming the option)."""
     if ns.protocol == "corruptions":
@@ -263,6 +296,8 @@ def parse_settings(ns):
     if ns.protocol == "query":
         return parse_query_settings(ns)
     refuse_options(ns, QUERY_ONLY, "applies to --protocol query only")
+    if ns.protocol == "uap":
+        return parse_uap_settings(ns)
     if ns.protocol == "clustering":
         return parse_clustering_settings(ns)
     options = _attack_options(ns)
@@ -304,17 +339,25 @@ def check_inputs(ns):
         return settings, cfg, None
     if settings["protocol"] == "query":
         return settings, cfg, None
+    if settings["protocol"] == "uap":
+        check_surrogate(settings)
+        return settings, cfg, None
     if settings["protocol"] == "clustering":
         check_clustering_config(cfg)  # whatever TEST.EVALUATOR says
         check_sample_counts(cfg, settings["max_queries"], max(cfg.ROBUSTREID.SEED, 0))
         return settings, cfg, None
+    check_surrogate(settings)
+    defense = build_defense(settings["defense"], bpda=settings["bpda"]) if settings["defense"] else None
+    return settings, cfg, defense
+
+
+def check_surrogate(settings):
+    """The surrogate's config, weights file and their fit, when a transfer attack is asked for."""
     if settings["surrogate_config"]:
         surrogate_cfg = load_config(settings["surrogate_config"],
                                     ["MODEL.WEIGHTS", settings["surrogate_weights"]])
         check_weights(surrogate_cfg)
         check_weights_fit(surrogate_cfg)
-    defense = build_defense(settings["defense"], bpda=settings["bpda"]) if settings["defense"] else None
-    return settings, cfg, defense
 
 
 def check_imagecorruptions():
@@ -370,7 +413,21 @@ def run(ns, settings, checked_cfg, defense):
                     for name in cfg.DATASETS.TESTS]
         report = build_report(report_settings(ns, settings, cfg, output), datasets,
                               time.perf_counter() - start)
-        write_query_report(report, output)
+        write_protocol_report(report, output, query_markdown)
+        return report, []
+    if settings["protocol"] == "uap":
+        surrogate = (build_surrogate_extractor(settings["surrogate_config"],
+                                               settings["surrogate_weights"])
+                     if settings["surrogate_config"] else None)
+        start = time.perf_counter()
+        cells = [UAPCell(e, s) for e in settings["eps"] for s in settings["steps"]]
+        datasets = [UAPEvaluator(cfg, model, name, max_queries=settings["max_queries"],
+                                 seed=max(cfg.ROBUSTREID.SEED, 0), surrogate=surrogate,
+                                 step_size=settings["step_size"], distance=settings["distance"])
+                    .run(cells) for name in cfg.DATASETS.TESTS]
+        report = build_report(report_settings(ns, settings, cfg, output), datasets,
+                              time.perf_counter() - start)
+        write_protocol_report(report, output, uap_markdown)
         return report, []
     if settings["protocol"] == "clustering":
         start = time.perf_counter()
@@ -426,7 +483,7 @@ def main(argv=None):
     report, checks = run(ns, settings, cfg, defense)
     markdown = {"clustering": clustering_markdown,
                 "corruptions": corruption_markdown,
-                "query": query_markdown}.get(settings["protocol"], robust_markdown)
+                "query": query_markdown, "uap": uap_markdown}.get(settings["protocol"], robust_markdown)
     print("\n" + markdown(report))
     print(f"report: {report['settings']['output_dir']}")
     for name, check in checks:
