@@ -22,5 +22,8 @@ setup(
         "gpu": ["faiss-gpu"],
         "test": ["pytest>=7", "pytest-timeout"],
         "deploy": ["onnx==1.23.2", "onnxscript==0.7.2", "onnxruntime==1.32.0"],
+        # tools/robust_eval.py --protocol corruptions; imagecorruptions itself is installed with
+        # --no-deps by scripts/setup.sh (it requires opencv-python beside the headless cv2).
+        "corruptions": ["scikit-image>=0.21"],
     },
 )

@@ -41,6 +41,8 @@ echo "[setup] installing runtime requirements and $FAISS"
 OTHER_FAISS=faiss-gpu; [ "$FAISS" = faiss-gpu ] && OTHER_FAISS=faiss-cpu
 $PIP uninstall -q -y "$OTHER_FAISS" >/dev/null 2>&1 || true
 $PIP install -q -r requirements.txt "$FAISS"
+# imagecorruptions requires opencv-python (a second cv2 beside the headless one): --no-deps.
+$PIP install -q --no-deps imagecorruptions==1.1.2
 echo "[setup] installing robustreid (editable)"
 $PIP install -q --no-deps -e .
 rm -f "$VENV"/.robustreid-setup-*

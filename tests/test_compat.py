@@ -11,7 +11,9 @@ from robustreid import compat
 
 ALL_PATCHES = ["collections_abc_aliases", "torch_six", "advertorch_zero_gradients",
                "contiguous_optimizer", "cpu_data_loader", "evaluator_no_cython_exit",
-               "cpu_distributed_launch", "metric_printer_eta", "mobilenetv2_pretrain"]
+               "cpu_distributed_launch", "metric_printer_eta", "mobilenetv2_pretrain",
+               "imagecorruptions_resources", "imagecorruptions_gaussian", "imagecorruptions_float_",
+               "imagecorruptions_seeded_noise"]
 
 
 def run_python(code, skip=""):

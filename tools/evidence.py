@@ -355,9 +355,10 @@ def evaluate(argv):
         raise EvidenceError("tools/robust_eval.py failed")
 
 
-def evaluated(run, argv):
-    """Whether the run's robust_eval/results.json is that of ``argv`` on the current weights."""
-    path = os.path.join(run.eval_dir, "results.json")
+def evaluated(eval_dir, argv):
+    """Whether ``eval_dir``/results.json is robust_eval's report of ``argv`` on the current
+    weights (tools/robust_board.py asks it too)."""
+    path = os.path.join(eval_dir, "results.json")
     if not os.path.isfile(path):
         return False
     try:
@@ -388,7 +389,7 @@ def execute(runs, ns, passthrough):
     for i, run in enumerate(runs, 1):
         label = f"[{i}/{len(runs)}] {run.label}"
         argv = eval_argv(run, ns, passthrough)
-        if os.path.isfile(final_weights(run.out)) and evaluated(run, argv):
+        if os.path.isfile(final_weights(run.out)) and evaluated(run.eval_dir, argv):
             print(f"{label}: skipped (finished earlier)", flush=True)
             continue
         trained = os.path.isfile(final_weights(run.out))

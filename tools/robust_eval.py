@@ -37,6 +37,30 @@ results.md: rows Clean and PGD-<steps> <eps>/255 with NMI, F1, R@k (TEST.CLUSTER
 an ERS-style summary (the mean over those metrics of attacked / clean, in percent). The options of
 the query/gallery protocol (--attack-gallery, --guides, --eot, --defense, --bpda, --surrogate-*,
 --attack-option, --sanity) exit 2 naming the option.
+
+--protocol corruptions is CIL-ReID's common-corruption benchmark on the fly
+(robustreid/data/corruptions.py, robustreid/evaluation/corruption_evaluator.py): every
+--corruptions (all = imagecorruptions' 19, or NAME,...) at every --severity (1-5, or e.g. 1,3,5)
+corrupts the query and gallery images (--corrupt both, CIL-ReID's "corrupted eval"; query or
+gallery: one side), seeded by ROBUSTREID.SEED, nothing written to disk; plus CIL-ReID's headline
+cell, a corruption and a severity drawn per image. Writes results.json, results.md (CIL-ReID's
+clean / corruption table, severity x corruption mAP with the means per severity and corruption,
+mCE-style averages) and corruption_heatmap.png. --max-queries works as above; the attack options
+exit 2 naming the option.
+
+--protocol query runs query-based black-box attacks on the model's retrieval output only
+(robustreid/attacks/query_based.py; no gradient, no feature): --attacks NES (score-based: NES
+estimates of a margin read off the query's distances to the gallery, L-inf sign steps) and/or HSJA
+(decision-based: HopSkipJump, L-inf, on "no same-ID gallery image in the top 1"), default both, at
+each --eps (default 8) with each --query-budget per image (default 1000), enforced; the queries
+used per image are reported. Writes results.json, results.md and mAP_vs_eps.png.
+
+--protocol uap learns one universal L-inf perturbation per --eps (default 8) x --steps (default 100
+sign-gradient steps of --step-size, default 1/255, on batches of TEST.IMS_PER_BATCH) on the training
+images of DATASETS.NAMES, pushing features away from the clean ones (--distance), and adds it to
+every test query (robustreid/attacks/universal.py); --surrogate-config/--surrogate-weights learn it
+on another model (transfer). Writes results.json, results.md (with how each perturbation was
+learned) and mAP_vs_eps.png.
 """
 import argparse
 import os
@@ -47,13 +71,20 @@ import robustreid  # noqa: F401  (compat patches + registrations)
 from robustreid.checksums import sha256_of
 from robustreid.cli import OneLineParser, report_misplaced_flags
 from robustreid.attacks import (AttackConfigError, build_defense, build_surrogate_extractor,
-                                eps_unit)
+                                eps_from_255, eps_unit)
 from robustreid.config import ConfigError, load_config
 from robustreid.engine import (USER_ERRORS, RobustTrainer, check_output_dir, check_weights,
                                check_weights_fit, preflight, setup)
 from robustreid.engine.eat import default_step_size
+from robustreid.data.corruptions import CORRUPTIONS, SEVERITIES
 from robustreid.evaluation.clustering_evaluator import check_clustering_config
+from robustreid.evaluation.corruption_evaluator import CORRUPTED_SIDES, CorruptionEvaluator
+from robustreid.evaluation.corruption_report import corruption_markdown, write_corruption_report
 from robustreid.evaluation.guide_choice import check_guides
+from robustreid.evaluation.universal_evaluator import UAPCell, UAPEvaluator
+from robustreid.evaluation.query_attack_evaluator import QueryAttackEvaluator, query_grid
+from robustreid.evaluation.protocol_reports import (query_markdown, uap_markdown,
+                                                     write_protocol_report)
 from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
                                           check_attack_settings, parse_attack_options,
                                           robust_markdown, sanity_checks, write_report)
@@ -65,16 +96,23 @@ from robustreid.evaluation.robust_clustering import (ATTACK as CLUSTERING_ATTACK
 OPTION_NAMES = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
                 "distance": "--distance", "eot": "--eot", "options": "--attack-option",
                 "guides": "--guides"}
-PROTOCOLS = ("retrieval", "clustering")
+PROTOCOLS = ("retrieval", "clustering", "corruptions", "query", "uap")
 # --attacks/--eps/--steps when not given; clustering: the paper's test attack, PGD-10 at 8/255.
 PROTOCOL_DEFAULTS = {"retrieval": {"attacks": "FNA,SMA,IFGSM", "eps": "8,10", "steps": "16"},
-                     "clustering": {"attacks": CLUSTERING_ATTACK, "eps": "8", "steps": "10"}}
+                     "clustering": {"attacks": CLUSTERING_ATTACK, "eps": "8", "steps": "10"},
+                     "query": {"attacks": "NES,HSJA", "eps": "8", "steps": None},
+                     "uap": {"attacks": "UAP", "eps": "8", "steps": "100"}}
 # Options of the query/gallery protocol that the clustering protocol has no counterpart for.
 RETRIEVAL_ONLY = {"attack_gallery": "--attack-gallery", "guides": "--guides", "eot": "--eot",
                   "defense": "--defense", "bpda": "--bpda",
                   "surrogate_config": "--surrogate-config",
                   "surrogate_weights": "--surrogate-weights", "attack_option": "--attack-option",
                   "sanity": "--sanity"}
+ATTACK_SETTINGS = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
+                   "step_size": "--step-size", "distance": "--distance"}
+CORRUPTION_ONLY = {"corruptions": "--corruptions", "severity": "--severity", "corrupt": "--corrupt"}
+CORRUPTION_DEFAULTS = {"corruptions": "all", "severity": "1-5", "corrupt": "both"}
+QUERY_ONLY = {"query_budget": "--query-budget"}
 
 
 def build_parser():
@@ -111,6 +149,14 @@ def build_parser():
                         help="keyword option of one attack, e.g. WMA:loss=fna (repeatable)")
     parser.add_argument("--output", default="", help="default: OUTPUT_DIR/robust_eval")
     parser.add_argument("--sanity", action="store_true", help="run the self-checks too")
+    parser.add_argument("--query-budget", default=None,
+                        help="query protocol: queries per attacked image, comma-separated "
+                             "(default 1000)")
+    parser.add_argument("--corruptions", help="corruptions protocol: all (default) or NAME,...")
+    parser.add_argument("--severity", help="corruptions protocol: severities, 1-5 (default) or "
+                                           "e.g. 1,3,5")
+    parser.add_argument("--corrupt", choices=CORRUPTED_SIDES,
+                        help="corruptions protocol: the corrupted side(s) (default both)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="MODEL.WEIGHTS path and KEY VALUE pairs")
     return parser
 
@@ -137,14 +183,18 @@ def _attack_options(ns):
             for key in ("attacks", "eps", "steps")}
 
 
+def refuse_options(ns, options, why):
+    """ConfigError naming the first of ``options`` (dest -> flag) given on the command line."""
+    parser = build_parser()
+    given = [flag for dest, flag in options.items() if getattr(ns, dest) != parser.get_default(dest)]
+    if given:
+        raise ConfigError(f"{given[0]} {why}")
+
+
 def parse_clustering_settings(ns):
     """The clustering protocol's settings (ConfigError naming the option at fault)."""
-    parser = build_parser()
-    given = [flag for dest, flag in RETRIEVAL_ONLY.items()
-             if getattr(ns, dest) != parser.get_default(dest)]
-    if given:
-        raise ConfigError(f"{given[0]} applies to --protocol retrieval only (the clustering "
-                          "protocol attacks every test sample with PGD)")
+    refuse_options(ns, RETRIEVAL_ONLY, "applies to --protocol retrieval only (the clustering "
+                                       "protocol attacks every test sample with PGD)")
     options = _attack_options(ns)
     attacks = [a.strip() for a in options["attacks"].split(",") if a.strip()]
     if attacks != [CLUSTERING_ATTACK]:
@@ -159,8 +209,95 @@ def parse_clustering_settings(ns):
     return settings
 
 
+def parse_severities(text):
+    """"1-5", "3" or "1,3,5" -> sorted severities, or ConfigError naming --severity."""
+    low, dash, high = text.partition("-")
+    try:
+        values = (list(range(int(low), int(high) + 1)) if dash
+                  else [int(v) for v in text.split(",") if v.strip()])
+    except ValueError:
+        values = []
+    if not values or any(v not in SEVERITIES for v in values):
+        raise ConfigError(f"--severity {text!r}: give severities in 1-5 as a range (1-5) or a "
+                          "list (1,3,5)")
+    return sorted(set(values))
+
+
+def parse_corruption_names(text):
+    """"all" or NAME,... -> corruption names, or ConfigError naming --corruptions."""
+    names = list(CORRUPTIONS) if text.strip() == "all" else list(dict.fromkeys(
+        n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in CORRUPTIONS]
+    if not names or unknown:
+        raise ConfigError(f"--corruptions: unknown corruption(s) {unknown or [text]}; known: all, "
+                          f"{', '.join(CORRUPTIONS)}")
+    return names
+
+
+def parse_corruption_settings(ns):
+    """The corruptions protocol's settings (ConfigError naming the option at fault)."""
+    refuse_options(ns, {**RETRIEVAL_ONLY, **ATTACK_SETTINGS},
+                   "is an attack option; --protocol corruptions attacks nothing")
+    options = {key: CORRUPTION_DEFAULTS[key] if getattr(ns, key) is None else getattr(ns, key)
+               for key in CORRUPTION_ONLY}
+    return dict(protocol="corruptions", corruptions=parse_corruption_names(options["corruptions"]),
+                severities=parse_severities(options["severity"]), corrupt=options["corrupt"],
+                max_queries=_numbers(ns.max_queries, "--max-queries", int, minimum=0)[0])
+
+
+def parse_query_settings(ns):
+    """The query-based protocol's settings (ConfigError naming the option at fault)."""
+    refuse_options(ns, {**RETRIEVAL_ONLY, "steps": "--steps", "step_size": "--step-size",
+                        "distance": "--distance"},
+                   "does not apply to --protocol query (the attacker sees the retrieval output "
+                   "only; its budgets are --eps and --query-budget)")
+    options = _attack_options(ns)
+    attacks = [a.strip() for a in options["attacks"].split(",") if a.strip()]
+    eps = _numbers(options["eps"], "--eps", float, minimum=0)
+    budgets = _numbers(ns.query_budget or "1000", "--query-budget", int, minimum=1)
+    for value in eps:
+        try:
+            eps_from_255(value)
+        except AttackConfigError as e:
+            raise ConfigError(f"--eps: {e}") from None
+    query_grid(attacks, eps, budgets)  # names checked
+    return dict(protocol="query", attacks=attacks, eps=eps, query_budgets=budgets,
+                max_queries=_numbers(ns.max_queries, "--max-queries", int, minimum=0)[0])
+
+
+def parse_uap_settings(ns):
+    """The universal-perturbation protocol's settings (ConfigError naming the option at fault)."""
+    refuse_options(ns, {dest: flag for dest, flag in RETRIEVAL_ONLY.items()
+                        if not dest.startswith("surrogate_")},
+                   "does not apply to --protocol uap (one perturbation learned on training images "
+                   "for every query)")
+    options = _attack_options(ns)
+    if options["attacks"].strip() != "UAP":
+        raise ConfigError(f"--attacks {options['attacks']!r}: --protocol uap learns a universal "
+                          "perturbation, attack UAP")
+    settings = dict(protocol="uap", attacks=["UAP"], eps=_numbers(options["eps"], "--eps", float),
+                    steps=_numbers(options["steps"], "--steps", int), distance=ns.distance,
+                    max_queries=_numbers(ns.max_queries, "--max-queries", int, minimum=0)[0],
+                    step_size=_numbers(ns.step_size, "--step-size", float, minimum=0)[0] or None,
+                    surrogate_config=ns.surrogate_config or None,
+                    surrogate_weights=ns.surrogate_weights or None)
+    check_attack_settings(["SMA"], settings["eps"], settings["steps"], ns.distance, 1,
+                          OPTION_NAMES)  # L-inf budgets, positive steps, a known distance
+    if bool(ns.surrogate_config) != bool(ns.surrogate_weights):
+        raise ConfigError("a transfer attack needs both --surrogate-config and --surrogate-weights")
+    return settings
+
+
 def parse_settings(ns):
     """Attack settings from the command line, every one validated (ConfigError naming the option)."""
+    if ns.protocol == "corruptions":
+        return parse_corruption_settings(ns)
+    refuse_options(ns, CORRUPTION_ONLY, "applies to --protocol corruptions only")
+    if ns.protocol == "query":
+        return parse_query_settings(ns)
+    refuse_options(ns, QUERY_ONLY, "applies to --protocol query only")
+    if ns.protocol == "uap":
+        return parse_uap_settings(ns)
     if ns.protocol == "clustering":
         return parse_clustering_settings(ns)
     options = _attack_options(ns)
@@ -189,7 +326,7 @@ def parse_settings(ns):
 def check_inputs(ns):
     """Every check that can fail, before any work (and printing nothing): (settings, cfg, defense)."""
     settings = parse_settings(ns)
-    unitless = [a for a in settings["attacks"] if eps_unit(a) != "/255"]
+    unitless = [a for a in settings.get("attacks", []) if eps_unit(a) != "/255"]
     if ns.sanity and unitless:  # its checks (noise baseline, huge budget) are L-inf constructions
         raise ConfigError(f"--sanity checks L-inf attacks only; run {', '.join(unitless)} without it")
     cfg = load_config(ns.config_file, ns.opts)
@@ -197,17 +334,39 @@ def check_inputs(ns):
         raise ConfigError("no weights to evaluate: pass MODEL.WEIGHTS /path/to/model_final.pth")
     check_output_dir(report_dir(ns, cfg), "--output" if ns.output else "OUTPUT_DIR/robust_eval")
     preflight(cfg, eval_only=True)  # weights file and fit, datasets, images
+    if settings["protocol"] == "corruptions":
+        check_imagecorruptions()
+        return settings, cfg, None
+    if settings["protocol"] == "query":
+        return settings, cfg, None
+    if settings["protocol"] == "uap":
+        check_surrogate(settings)
+        return settings, cfg, None
     if settings["protocol"] == "clustering":
         check_clustering_config(cfg)  # whatever TEST.EVALUATOR says
         check_sample_counts(cfg, settings["max_queries"], max(cfg.ROBUSTREID.SEED, 0))
         return settings, cfg, None
+    check_surrogate(settings)
+    defense = build_defense(settings["defense"], bpda=settings["bpda"]) if settings["defense"] else None
+    return settings, cfg, defense
+
+
+def check_surrogate(settings):
+    """The surrogate's config, weights file and their fit, when a transfer attack is asked for."""
     if settings["surrogate_config"]:
         surrogate_cfg = load_config(settings["surrogate_config"],
                                     ["MODEL.WEIGHTS", settings["surrogate_weights"]])
         check_weights(surrogate_cfg)
         check_weights_fit(surrogate_cfg)
-    defense = build_defense(settings["defense"], bpda=settings["bpda"]) if settings["defense"] else None
-    return settings, cfg, defense
+
+
+def check_imagecorruptions():
+    """ConfigError unless the imagecorruptions package imports (robustreid.compat adapts it)."""
+    try:
+        import imagecorruptions  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"--protocol corruptions needs the imagecorruptions package ({e}): "
+                          "pip install --no-deps imagecorruptions==1.1.2 scikit-image") from None
 
 
 def report_dir(ns, cfg):
@@ -235,6 +394,41 @@ def run(ns, settings, checked_cfg, defense):
     cfg = setup(argparse.Namespace(config_file=ns.config_file, eval_only=True,
                                    opts=[*ns.opts, "OUTPUT_DIR", output]))
     model = RobustTrainer.load_for_eval(cfg)
+    if settings["protocol"] == "corruptions":
+        start = time.perf_counter()
+        datasets = [CorruptionEvaluator(cfg, model, name, corrupt=settings["corrupt"],
+                                        max_queries=settings["max_queries"],
+                                        seed=max(cfg.ROBUSTREID.SEED, 0))
+                    .run(settings["corruptions"], settings["severities"])
+                    for name in cfg.DATASETS.TESTS]
+        report = build_report(report_settings(ns, settings, cfg, output), datasets,
+                              time.perf_counter() - start)
+        write_corruption_report(report, output)
+        return report, []
+    if settings["protocol"] == "query":
+        start = time.perf_counter()
+        cells = query_grid(settings["attacks"], settings["eps"], settings["query_budgets"])
+        datasets = [QueryAttackEvaluator(cfg, model, name, max_queries=settings["max_queries"],
+                                         seed=max(cfg.ROBUSTREID.SEED, 0)).run(cells)
+                    for name in cfg.DATASETS.TESTS]
+        report = build_report(report_settings(ns, settings, cfg, output), datasets,
+                              time.perf_counter() - start)
+        write_protocol_report(report, output, query_markdown)
+        return report, []
+    if settings["protocol"] == "uap":
+        surrogate = (build_surrogate_extractor(settings["surrogate_config"],
+                                               settings["surrogate_weights"])
+                     if settings["surrogate_config"] else None)
+        start = time.perf_counter()
+        cells = [UAPCell(e, s) for e in settings["eps"] for s in settings["steps"]]
+        datasets = [UAPEvaluator(cfg, model, name, max_queries=settings["max_queries"],
+                                 seed=max(cfg.ROBUSTREID.SEED, 0), surrogate=surrogate,
+                                 step_size=settings["step_size"], distance=settings["distance"])
+                    .run(cells) for name in cfg.DATASETS.TESTS]
+        report = build_report(report_settings(ns, settings, cfg, output), datasets,
+                              time.perf_counter() - start)
+        write_protocol_report(report, output, uap_markdown)
+        return report, []
     if settings["protocol"] == "clustering":
         start = time.perf_counter()
         datasets = run_clustering(settings, cfg, model)
@@ -287,7 +481,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     report, checks = run(ns, settings, cfg, defense)
-    markdown = clustering_markdown if settings["protocol"] == "clustering" else robust_markdown
+    markdown = {"clustering": clustering_markdown,
+                "corruptions": corruption_markdown,
+                "query": query_markdown, "uap": uap_markdown}.get(settings["protocol"], robust_markdown)
     print("\n" + markdown(report))
     print(f"report: {report['settings']['output_dir']}")
     for name, check in checks:

@@ -1,4 +1,5 @@
-"""The one place that adapts fastreid 1.4.0 and advertorch 0.2.3 to Python 3.11, torch 2.x and numpy 2.
+"""The one place that adapts fastreid 1.4.0, advertorch 0.2.3 and imagecorruptions 1.1.2 to Python 3.11,
+torch 2.x, numpy 2, scikit-image >= 0.21 and setuptools >= 81.
 
 Nothing here edits fastreid's or advertorch's files: each patch rebinds a name at import time, is applied
 only when the running stack needs it, is idempotent, and is covered by tests/test_compat.py.
@@ -21,17 +22,31 @@ Patches, in the order they must run:
                             with strict=False: torchvision's ImageNet file (the one torch users
                             have) crashes it, and a file of another model leaves it random with
                             an info line. Both layouts load, anything else is a ConfigError.
+  imagecorruptions_resources  imagecorruptions imports ``pkg_resources`` (gone from setuptools 81)
+                            for its frost images' paths; it is imported with a stand-in, which is
+                            removed again (nothing else sees a pkg_resources module).
+  imagecorruptions_gaussian gaussian_blur and glass_blur pass ``multichannel=True`` to
+                            skimage.filters.gaussian (removed in scikit-image 0.21: channel_axis).
+  imagecorruptions_float_   fog's plasma_fractal allocates ``np.float_`` (removed in numpy 2).
+  imagecorruptions_seeded_noise  impulse_noise's skimage.util.random_noise draws from a fresh
+                            generator since scikit-image 0.21 (np.random's global state before), so
+                            np.random.seed no longer reproduced it.
+The imagecorruptions patches apply only where it is installed (ROBUSTREID_COMPAT_SKIP=
+imagecorruptions_resources reproduces its import error, the others its 3 failing corruptions).
 """
 import collections
 import collections.abc
 import functools
 import importlib
+import importlib.util
+import inspect
 import logging
 import math
 import os
 import sys
 import types
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -307,6 +322,101 @@ def patch_mobilenetv2_pretrain():
     _record("mobilenetv2_pretrain", fastreid_builder)
 
 
+# --- imagecorruptions 1.1.2 (ImageNet-C's corruptions) on setuptools >= 81, scikit-image >= 0.21, numpy 2
+def _corruptions_module():
+    """imagecorruptions.corruptions, or None where it is not installed or does not import."""
+    if importlib.util.find_spec("imagecorruptions") is None:
+        return None
+    try:
+        return importlib.import_module("imagecorruptions.corruptions")
+    except ImportError:  # the pkg_resources import, with imagecorruptions_resources skipped
+        return None
+
+
+def _resource_filename(package, resource):
+    """pkg_resources.resource_filename for a package's own data files (all imagecorruptions asks)."""
+    return os.path.join(os.path.dirname(sys.modules[package].__file__), resource)
+
+
+def patch_imagecorruptions_resources():
+    if ("imagecorruptions" in sys.modules or importlib.util.find_spec("imagecorruptions") is None
+            or importlib.util.find_spec("pkg_resources") is not None):
+        return
+    stand_in = types.ModuleType("pkg_resources")
+    stand_in.resource_filename = _resource_filename
+    sys.modules["pkg_resources"] = stand_in
+    try:
+        importlib.import_module("imagecorruptions")
+    finally:
+        del sys.modules["pkg_resources"]  # the module keeps its bound resource_filename
+    _record("imagecorruptions_resources")
+
+
+def _gaussian_with_channel_axis(gaussian):
+    @functools.wraps(gaussian)
+    def wrapper(image, *args, multichannel=None, **kwargs):
+        if multichannel:
+            kwargs.setdefault("channel_axis", -1)
+        return gaussian(image, *args, **kwargs)
+
+    wrapper._robustreid_patched = True
+    return wrapper
+
+
+def patch_imagecorruptions_gaussian():
+    corruptions = _corruptions_module()
+    if (corruptions is None or getattr(corruptions.gaussian, "_robustreid_patched", False)
+            or "multichannel" in inspect.signature(corruptions.gaussian).parameters):
+        return
+    _record("imagecorruptions_gaussian", corruptions.gaussian)
+    corruptions.gaussian = _gaussian_with_channel_axis(corruptions.gaussian)
+
+
+class _NumpyWithFloat_(types.ModuleType):
+    """numpy as imagecorruptions' module sees it: numpy itself plus numpy 1's ``float_`` alias."""
+
+    float_ = np.float64
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def patch_imagecorruptions_float_():
+    corruptions = _corruptions_module()
+    if corruptions is None or hasattr(corruptions.np, "float_"):
+        return
+    _record("imagecorruptions_float_", corruptions.np)
+    corruptions.np = _NumpyWithFloat_("numpy")
+
+
+class _SkimageWithGlobalNoise(types.ModuleType):
+    """skimage as imagecorruptions' module sees it, with ``util.random_noise`` drawing its generator
+    from numpy's global state (what np.random.seed controlled before scikit-image 0.21)."""
+
+    def __init__(self, skimage):
+        super().__init__("skimage")
+        self._skimage = skimage
+        self.util = types.SimpleNamespace(random_noise=self._random_noise)
+
+    @staticmethod
+    def _random_noise(image, *args, **kwargs):
+        kwargs.setdefault("rng", np.random.randint(2 ** 31))
+        return importlib.import_module("skimage.util").random_noise(image, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._skimage, name)
+
+
+def patch_imagecorruptions_seeded_noise():
+    corruptions = _corruptions_module()
+    if corruptions is None or isinstance(corruptions.sk, _SkimageWithGlobalNoise):
+        return
+    if "rng" not in inspect.signature(corruptions.sk.util.random_noise).parameters:
+        return  # scikit-image < 0.21 draws from np.random itself
+    _record("imagecorruptions_seeded_noise", corruptions.sk)
+    corruptions.sk = _SkimageWithGlobalNoise(corruptions.sk)
+
+
 _PATCHES = (
     patch_collections_abc_aliases,
     patch_torch_six,
@@ -317,6 +427,10 @@ _PATCHES = (
     patch_cpu_distributed_launch,
     patch_metric_printer_eta,
     patch_mobilenetv2_pretrain,
+    patch_imagecorruptions_resources,
+    patch_imagecorruptions_gaussian,
+    patch_imagecorruptions_float_,
+    patch_imagecorruptions_seeded_noise,
 )
 
 
