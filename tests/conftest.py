@@ -1,5 +1,6 @@
 """Shared fixtures: a private datasets root and a tiny CPU config."""
 import importlib.util
+import logging
 import os
 
 import pytest
@@ -8,6 +9,19 @@ import torch
 import robustreid  # noqa: F401  (compat patches + registrations, before fastreid is used)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def drop_handlers_of_closed_streams():
+    """A tool run in-process sets up fastreid's loggers, whose console handler keeps the
+    sys.stdout of that moment: pytest's capture of that test, closed when it ends. Later log
+    records would then print "--- Logging error ---" tracebacks into other tests' stderr."""
+    yield
+    for logger in [logging.getLogger(), *(logging.getLogger(name)
+                                          for name in logging.Logger.manager.loggerDict)]:
+        for handler in list(logger.handlers):
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                logger.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")
