@@ -10,11 +10,10 @@
   reference model's (AlexNet); :func:`normalized_mce` does that against any reference report (the
   leaderboard uses its first model).
 """
-import json
-import os
 
 import numpy as np
 
+from .protocol_reports import write_report_files
 from .robust import _figure_axes
 
 MEASURES = ("mINP", "mAP", "Rank-1")
@@ -135,12 +134,5 @@ def plot_corruption_heatmap(report, path):
 
 def write_corruption_report(report, output_dir):
     """results.json, results.md and corruption_heatmap.png in ``output_dir``; their paths."""
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {name: os.path.join(output_dir, name) for name in
-             ("results.json", "results.md", "corruption_heatmap.png")}
-    with open(paths["results.json"], "w") as f:
-        json.dump(report, f, indent=1)
-    with open(paths["results.md"], "w") as f:
-        f.write(corruption_markdown(report))
-    plot_corruption_heatmap(report, paths["corruption_heatmap.png"])
-    return paths
+    return write_report_files(report, output_dir, corruption_markdown,
+                              {"corruption_heatmap.png": plot_corruption_heatmap})

@@ -39,14 +39,20 @@ def uap_markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def write_protocol_report(report, output_dir, markdown):
-    """results.json, results.md (``markdown(report)``) and mAP_vs_eps.png in ``output_dir``."""
+def write_report_files(report, output_dir, markdown, plots):
+    """results.json, results.md (``markdown(report)``) and one PNG per ``plots`` entry
+    ({file name: plot(report, path)}) in ``output_dir``; their paths."""
     os.makedirs(output_dir, exist_ok=True)
-    paths = {name: os.path.join(output_dir, name) for name in
-             ("results.json", "results.md", "mAP_vs_eps.png")}
+    paths = {name: os.path.join(output_dir, name) for name in ("results.json", "results.md", *plots)}
     with open(paths["results.json"], "w") as f:
         json.dump(report, f, indent=1)
     with open(paths["results.md"], "w") as f:
         f.write(markdown(report))
-    plot_map_vs_eps(report, paths["mAP_vs_eps.png"])
+    for name, plot in plots.items():
+        plot(report, paths[name])
     return paths
+
+
+def write_protocol_report(report, output_dir, markdown):
+    """results.json, results.md (``markdown(report)``) and mAP_vs_eps.png in ``output_dir``."""
+    return write_report_files(report, output_dir, markdown, {"mAP_vs_eps.png": plot_map_vs_eps})
