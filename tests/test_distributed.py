@@ -1,7 +1,8 @@
 """Multi-process training (2 gloo processes on CPU): every trainable part stays identical on all
 ranks; the helpers that keep it so agree across processes; tools' launch path runs gloo on CPU;
 two "machines" (two tools/train_net.py on localhost) train as one run, and meet over the network,
-not loopback; torchrun's processes are one run.
+not loopback; torchrun's processes are one run; each process crafts the adversarial examples of its
+own images against the whole batch.
 
 The processes run on CPU with CUDA hidden from them, whatever the machine has, so these tests run
 (and are never skipped) on GPU machines too. Each run has a free port and a join timeout: a hung
@@ -344,3 +345,51 @@ def test_torchruns_processes_are_the_workers_of_one_run(tmp_path):
     for rank in range(2):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert (report["world_size"], report["sum"]) == (2, 2.0), report
+
+
+def _adversarial_worker(cfg, weights, batch, out_dir):
+    """ADV_TRAIN's phase (FNA, 2 steps) on this rank's half of ``batch`` (2 whole identities)."""
+    from fastreid.modeling import build_model
+    from fastreid.utils import comm
+
+    from robustreid.engine.train_steps import MetricAdversarialBatch
+
+    rank = comm.get_rank()
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    own = {key: value[4 * rank:4 * rank + 4] for key, value in batch.items()}
+    torch.manual_seed(rank)
+    adversarial = MetricAdversarialBatch("FNA", 8.0, 2, 0.0, "euclidean", include_clean=False)
+    torch.save(adversarial(model, own)["images"], os.path.join(out_dir, f"adv{rank}.pth"))
+
+
+def test_each_rank_attacks_its_own_images_against_the_whole_batch(tmp_path, datasets_root,
+                                                                   one_thread):
+    """DDDefense eq. 3's guide set A is the training batch: with 2 processes, the batch of both
+    (FNA's farthest other identity may be the other rank's), as on one process."""
+    from fastreid.modeling import build_model
+
+    from robustreid.attacks import GuideSet, ReidFeatureExtractor, build_attack
+
+    cfg = make_tiny_cfg(tmp_path / "out", "MODEL.DEVICE", "cpu")
+    cfg.MODEL.HEADS.NUM_CLASSES = 4
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    batch = {"images": torch.rand(8, 3, 64, 32) * 255,
+             "targets": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), "camids": torch.zeros(8).long()}
+    run_two_processes(_adversarial_worker, cfg, str(tmp_path / "model.pth"), batch, str(tmp_path),
+                      timeout=120)
+    extractor = ReidFeatureExtractor(model)
+    images01, pids = batch["images"] / 255, batch["targets"]
+    halves = (slice(0, 4), slice(4, 8))  # each rank's images, forwarded as that rank does
+    with extractor.frozen_eval():
+        with torch.no_grad():
+            guides = GuideSet(torch.cat([extractor(images01[half]) for half in halves]), pids)
+        for rank, half in enumerate(halves):
+            torch.manual_seed(rank)
+            attack = build_attack("FNA", extractor, eps=8.0, steps=2, distance="euclidean")
+            expected = attack.perturb(images01[half], pids[half], guides,
+                                      sample_index=torch.arange(8)[half]).mul(255)
+            got = torch.load(tmp_path / f"adv{rank}.pth", weights_only=True)
+            assert torch.equal(got, expected), (got - expected).abs().max()
