@@ -2,7 +2,8 @@
 ranks; the helpers that keep it so agree across processes; tools' launch path runs gloo on CPU;
 two "machines" (two tools/train_net.py on localhost) train as one run, and meet over the network,
 not loopback; torchrun's processes are one run; each process crafts the adversarial examples of its
-own images against the whole batch.
+own images against the whole batch; tools/robust_eval.py on two processes gives the one-process
+results.
 
 The processes run on CPU with CUDA hidden from them, whatever the machine has, so these tests run
 (and are never skipped) on GPU machines too. Each run has a free port and a join timeout: a hung
@@ -393,3 +394,36 @@ def test_each_rank_attacks_its_own_images_against_the_whole_batch(tmp_path, data
                                       sample_index=torch.arange(8)[half]).mul(255)
             got = torch.load(tmp_path / f"adv{rank}.pth", weights_only=True)
             assert torch.equal(got, expected), (got - expected).abs().max()
+
+
+def test_robust_eval_on_two_processes_equals_one_process(tmp_path, datasets_root, one_thread):
+    """tools/robust_eval.py --num-gpus 2 (gloo on CPU) shares out the query batches and gathers
+    them: the report's numbers are the one-process run's, with a random-start attack (SMA)."""
+    import robust_eval
+    from fastreid.modeling import build_model
+
+    from robustreid.data.validation import build_dataset
+    from robustreid.evaluation.robust import METRICS
+
+    build_dataset("SynthReIDTiny")
+    torch.manual_seed(0)
+    weights = tmp_path / "model.pth"
+    torch.save({"model": build_model(make_tiny_cfg(tmp_path / "unused")).state_dict()}, weights)
+    args = ["--config-file", os.path.join(REPO, "configs", "SynthReID", "bagtricks_R18.yml"),
+            "--attacks", "SMA", "--eps", "8", "--steps", "2", "MODEL.WEIGHTS", str(weights),
+            "MODEL.DEVICE", "cpu", "DATASETS.TESTS", "('SynthReIDTiny',)", "INPUT.SIZE_TEST",
+            "[64,32]", "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "4"]
+    assert robust_eval.main(["--output", str(tmp_path / "one"), *args]) == 0
+    ((code, output),) = run_commands([[sys.executable, os.path.join(REPO, "tools", "robust_eval.py"),
+                                       "--num-gpus", "2", "--output", str(tmp_path / "two"), *args]],
+                                     cpu_process_env(FASTREID_DATASETS=datasets_root))
+    assert code == 0, output[-3000:]
+    assert "| Clean | SMA 8/255-2 |" in output  # the launching process prints rank 0's report
+    one, two = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
+    assert (one["settings"]["processes"], two["settings"]["processes"]) == (1, 2)
+    (single,), (split,) = one["datasets"], two["datasets"]
+    assert single["num_query"] > 2 * 4  # more than one batch for each process
+    assert split["clean"] == single["clean"]
+    (cell,), (split_cell,) = single["cells"], split["cells"]
+    for key in (*METRICS, "per_identity_mAP", "max_linf_255", "max_budget_used", "within_budget"):
+        assert split_cell[key] == cell[key], key

@@ -57,6 +57,15 @@ def test_train_net_refuses_a_launch_that_cannot_meet_in_one_line(flags, message,
     assert not (tmp_path / "out").exists()
 
 
+def test_robust_eval_refuses_a_launch_that_cannot_meet_in_one_line(no_master, tmp_path, capsys):
+    import robust_eval
+
+    code = robust_eval.main(["--config-file", CONFIG, "--num-machines", "2", "--output",
+                             str(tmp_path / "out"), "MODEL.WEIGHTS", "/nonexistent.pth"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--num-machines 2 needs the address" in err[0], err
+
+
 def test_url_from_master_variables_else_fastreids_default_on_one_machine():
     master = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     assert rendezvous.resolve_dist_url(None, 2, master) == "tcp://127.0.0.1:29500"
