@@ -1,5 +1,6 @@
 """Each compat patch: the upstream failure it fixes is reproduced without it, and gone with it
-(cpu_distributed_launch: tests/test_distributed.py, in CPU processes also on GPU machines)."""
+(cpu_distributed_launch: tests/test_distributed.py, in CPU processes also on GPU machines;
+multinode_rendezvous: tests/test_rendezvous.py and tests/test_distributed.py)."""
 import os
 import subprocess
 import sys
@@ -11,9 +12,9 @@ from robustreid import compat
 
 ALL_PATCHES = ["collections_abc_aliases", "torch_six", "advertorch_zero_gradients",
                "contiguous_optimizer", "cpu_data_loader", "evaluator_no_cython_exit",
-               "cpu_distributed_launch", "metric_printer_eta", "mobilenetv2_pretrain",
-               "imagecorruptions_resources", "imagecorruptions_gaussian", "imagecorruptions_float_",
-               "imagecorruptions_seeded_noise"]
+               "cpu_distributed_launch", "multinode_rendezvous", "metric_printer_eta",
+               "mobilenetv2_pretrain", "imagecorruptions_resources", "imagecorruptions_gaussian",
+               "imagecorruptions_float_", "imagecorruptions_seeded_noise"]
 
 
 def run_python(code, skip=""):

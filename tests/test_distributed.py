@@ -1,22 +1,30 @@
 """Multi-process training (2 gloo processes on CPU): every trainable part stays identical on all
-ranks; the helpers that keep it so agree across processes; tools' launch path runs gloo on CPU.
+ranks; the helpers that keep it so agree across processes; tools' launch path runs gloo on CPU;
+two "machines" (two tools/train_net.py on localhost) train as one run, and meet over the network,
+not loopback; torchrun's processes are one run; each process crafts the adversarial examples of its
+own images against the whole batch; tools/robust_eval.py on two processes gives the one-process
+results.
 
 The processes run on CPU with CUDA hidden from them, whatever the machine has, so these tests run
 (and are never skipped) on GPU machines too. Each run has a free port and a join timeout: a hung
 collective fails the test instead of hanging the suite.
 """
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import make_tiny_cfg
+from conftest import REPO, make_tiny_cfg
 from robustreid import compat
 
 JOIN_TIMEOUT_S = 300
+CPU_PROCESS_ENV = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 DG_DATA = ("DATASETS.NAMES", "('SynthReIDTiny_D0',)",
            "DATASETS.TESTS", "('SynthReIDTiny_D2',)", "MODEL.META_ARCHITECTURE", "RobustBaseline")
 
@@ -31,9 +39,8 @@ def run_two_processes(main_func, *args, timeout=JOIN_TIMEOUT_S):
     """``main_func(*args)`` on 2 gloo CPU processes (RobustReID's CPU worker for fastreid's
     launch); a child's exception fails the caller, and so does a run longer than ``timeout`` s
     (the children are killed)."""
-    env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}  # inherited by the spawned children
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    saved = {k: os.environ.get(k) for k in CPU_PROCESS_ENV}
+    os.environ.update(CPU_PROCESS_ENV)  # inherited by the spawned children
     try:
         url = f"tcp://127.0.0.1:{_free_port()}"
         context = mp.start_processes(compat._distributed_worker,
@@ -173,10 +180,13 @@ def train_on_two_processes(tmp_path, *opts):
             torch.load(tmp_path / "rank1.pth", weights_only=True))
 
 
+# Checkpointables of the main process alone: its PeriodicCheckpointer's model_best record.
+MAIN_PROCESS_ONLY = {"periodic_best"}
+
+
 def assert_ranks_identical(rank0, rank1):
-    # fastreid's model_best tracker (PeriodicCheckpointer) lives on the main process only
-    rank0 = {k: v for k, v in rank0.items() if k != "periodic_best"}
-    assert rank0.keys() == rank1.keys()
+    assert rank0.keys() - rank1.keys() == MAIN_PROCESS_ONLY and rank1.keys() <= rank0.keys()
+    rank0 = {key: value for key, value in rank0.items() if key not in MAIN_PROCESS_ONLY}
     differing = _differences(rank0, rank1)
     assert not differing, f"{len(differing)} tensors differ between the ranks: {differing[:8]}"
 
@@ -235,3 +245,185 @@ def test_meta_learning_with_nuisance_head_and_memory_stays_identical_across_rank
     assert rank0["nuisance_optimizer"]["state"]  # f_N was trained
     assert_ranks_identical(rank0, rank1)
     assert_memory_kept_in_sync(rank0)
+
+
+# The D/f_N/BAU run above, as two machines of one process each.
+ROBUST_PARTS = (*DG_DATA, *ADIN, "DG.ADIN.SCHEDULE.THRESHOLD_I_TRIGGER", "1.0", "DG.BAU.ENABLED",
+                "True", "ADV_TRAIN.ENABLED", "True", "ADV_TRAIN.INCLUDE_CLEAN", "True",
+                "ADV_TRAIN.STEPS", "1", "ADV_TRAIN.DISCRIMINATOR.ENABLED", "True")
+
+
+MACHINE = os.path.join(REPO, "tests", "multinode_support.py")
+
+
+def cpu_process_env(**variables):
+    """os.environ for CPU processes (CUDA hidden, one thread) + ``variables``, without
+    GLOO_SOCKET_IFNAME (the launch decides it)."""
+    env = dict(os.environ, **CPU_PROCESS_ENV, **variables)
+    env.pop("GLOO_SOCKET_IFNAME", None)
+    return env
+
+
+def run_commands(commands, env, timeout=JOIN_TIMEOUT_S):
+    """Run the commands at once (in REPO, with ``env``); their (exit code, output)."""
+    processes = [subprocess.Popen(command, env=env, cwd=REPO, text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+                 for command in commands]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in processes]
+        return [(p.returncode, output) for p, output in zip(processes, outputs)]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_two_machines_through_train_net_end_identical_with_one_checkpoint(tmp_path, datasets_root):
+    """tools/train_net.py --num-machines 2 --machine-rank 0/1 --dist-url tcp://127.0.0.1:PORT, one
+    process per machine, each machine with its own OUTPUT_DIR (no shared disk)."""
+    from robustreid.data.validation import build_dataset
+
+    cfg = make_tiny_cfg(tmp_path / "unused", "MODEL.DEVICE", "cpu", "SOLVER.MAX_EPOCH", "1",
+                        "TEST.EVAL_PERIOD", "1", *ROBUST_PARTS)
+    for name in (*cfg.DATASETS.NAMES, *cfg.DATASETS.TESTS):  # generated once here
+        build_dataset(name)
+    config = tmp_path / "tiny.yml"
+    config.write_text(cfg.dump())
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    machines = [[sys.executable, MACHINE, "train", "--config-file", str(config), "--num-machines",
+                 "2", "--machine-rank", str(rank), "--dist-url", url,
+                 "OUTPUT_DIR", str(tmp_path / f"machine{rank}")]
+                for rank in range(2)]
+    results = run_commands(machines, cpu_process_env(FASTREID_DATASETS=datasets_root,
+                                                     MULTINODE_STATE_DIR=str(tmp_path)))
+    for rank, (code, output) in enumerate(results):
+        assert code == 0, f"machine {rank}:\n{output[-3000:]}"
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in range(2))
+    assert rank0["nuisance_schedule"]["stage"] == "adversarial"
+    assert rank0["discriminator_optimizer"]["state"]  # D was trained
+    assert_ranks_identical(rank0, rank1)  # model, BN statistics, D, f_N, optimizers, schedules
+    assert_memory_kept_in_sync(rank0)
+    # checkpoints are written once, by rank 0, and hold what every rank trained
+    assert not list((tmp_path / "machine1").glob("*.pth"))
+    saved = torch.load(tmp_path / "machine0" / "model_final.pth", weights_only=True)
+    for part in ("model", "discriminator", "nuisance_head"):
+        assert not _differences(saved[part], rank1[part]), part
+
+
+def _network_address():
+    """This machine's IPv4 address on its route out (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.254", 9))
+        except OSError:
+            pytest.skip("no network interface besides loopback")
+        return s.getsockname()[0]
+
+
+def test_two_machines_connect_over_the_network_not_loopback(tmp_path):
+    """fast-reid#629: gloo binds to the address the hostname resolves to, 127.0.0.1 where /etc/hosts
+    says so (as on this machine), and tells the other machine to connect there. Rendezvous at this
+    machine's network address: every connection of both processes uses no loopback address."""
+    url = f"tcp://{_network_address()}:{_free_port()}"
+    results = run_commands([[sys.executable, MACHINE, "report", str(tmp_path), "--num-machines", "2",
+                             "--machine-rank", str(rank), "--dist-url", url] for rank in range(2)],
+                           cpu_process_env(), timeout=120)
+    for rank, (code, output) in enumerate(results):
+        assert code == 0, f"machine {rank}:\n{output[-3000:]}"
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["sum"] == 2.0 and report["addresses"], report
+        assert not [a for a in report["addresses"] if a.startswith("127.")], report
+
+
+def test_torchruns_processes_are_the_workers_of_one_run(tmp_path):
+    """torchrun starts the processes itself: each is a worker of torchrun's job (fastreid's
+    launch() ran each alone, world size 1, every one writing its own checkpoints)."""
+    ((code, output),) = run_commands([[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                       "--nproc-per-node", "2", MACHINE, "report", str(tmp_path)]],
+                                     cpu_process_env(), timeout=120)
+    assert code == 0, output[-3000:]
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert (report["world_size"], report["sum"]) == (2, 2.0), report
+
+
+def _adversarial_worker(cfg, weights, batch, out_dir):
+    """ADV_TRAIN's phase (FNA, 2 steps) on this rank's half of ``batch`` (2 whole identities)."""
+    from fastreid.modeling import build_model
+    from fastreid.utils import comm
+
+    from robustreid.engine.train_steps import MetricAdversarialBatch
+
+    rank = comm.get_rank()
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    own = {key: value[4 * rank:4 * rank + 4] for key, value in batch.items()}
+    torch.manual_seed(rank)
+    adversarial = MetricAdversarialBatch("FNA", 8.0, 2, 0.0, "euclidean", include_clean=False)
+    torch.save(adversarial(model, own)["images"], os.path.join(out_dir, f"adv{rank}.pth"))
+
+
+def test_each_rank_attacks_its_own_images_against_the_whole_batch(tmp_path, datasets_root,
+                                                                   one_thread):
+    """DDDefense eq. 3's guide set A is the training batch: with 2 processes, the batch of both
+    (FNA's farthest other identity may be the other rank's), as on one process."""
+    from fastreid.modeling import build_model
+
+    from robustreid.attacks import GuideSet, ReidFeatureExtractor, build_attack
+
+    cfg = make_tiny_cfg(tmp_path / "out", "MODEL.DEVICE", "cpu")
+    cfg.MODEL.HEADS.NUM_CLASSES = 4
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    batch = {"images": torch.rand(8, 3, 64, 32) * 255,
+             "targets": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), "camids": torch.zeros(8).long()}
+    run_two_processes(_adversarial_worker, cfg, str(tmp_path / "model.pth"), batch, str(tmp_path),
+                      timeout=120)
+    extractor = ReidFeatureExtractor(model)
+    images01, pids = batch["images"] / 255, batch["targets"]
+    halves = (slice(0, 4), slice(4, 8))  # each rank's images, forwarded as that rank does
+    with extractor.frozen_eval():
+        with torch.no_grad():
+            guides = GuideSet(torch.cat([extractor(images01[half]) for half in halves]), pids)
+        for rank, half in enumerate(halves):
+            torch.manual_seed(rank)
+            attack = build_attack("FNA", extractor, eps=8.0, steps=2, distance="euclidean")
+            expected = attack.perturb(images01[half], pids[half], guides,
+                                      sample_index=torch.arange(8)[half]).mul(255)
+            got = torch.load(tmp_path / f"adv{rank}.pth", weights_only=True)
+            assert torch.equal(got, expected), (got - expected).abs().max()
+
+
+def test_robust_eval_on_two_processes_equals_one_process(tmp_path, datasets_root, one_thread):
+    """tools/robust_eval.py --num-gpus 2 (gloo on CPU) shares out the query batches and gathers
+    them: the report's numbers are the one-process run's, with a random-start attack (SMA)."""
+    import robust_eval
+    from fastreid.modeling import build_model
+
+    from robustreid.data.validation import build_dataset
+    from robustreid.evaluation.robust import METRICS
+
+    build_dataset("SynthReIDTiny")
+    torch.manual_seed(0)
+    weights = tmp_path / "model.pth"
+    torch.save({"model": build_model(make_tiny_cfg(tmp_path / "unused")).state_dict()}, weights)
+    args = ["--config-file", os.path.join(REPO, "configs", "SynthReID", "bagtricks_R18.yml"),
+            "--attacks", "SMA", "--eps", "8", "--steps", "2", "MODEL.WEIGHTS", str(weights),
+            "MODEL.DEVICE", "cpu", "DATASETS.TESTS", "('SynthReIDTiny',)", "INPUT.SIZE_TEST",
+            "[64,32]", "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "4"]
+    assert robust_eval.main(["--output", str(tmp_path / "one"), *args]) == 0
+    ((code, output),) = run_commands([[sys.executable, os.path.join(REPO, "tools", "robust_eval.py"),
+                                       "--num-gpus", "2", "--output", str(tmp_path / "two"), *args]],
+                                     cpu_process_env(FASTREID_DATASETS=datasets_root))
+    assert code == 0, output[-3000:]
+    assert "| Clean | SMA 8/255-2 |" in output  # the launching process prints rank 0's report
+    one, two = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
+    assert (one["settings"]["processes"], two["settings"]["processes"]) == (1, 2)
+    (single,), (split,) = one["datasets"], two["datasets"]
+    assert single["num_query"] > 2 * 4  # more than one batch for each process
+    assert split["clean"] == single["clean"]
+    (cell,), (split_cell,) = single["cells"], split["cells"]
+    for key in (*METRICS, "per_identity_mAP", "max_linf_255", "max_budget_used", "within_budget"):
+        assert split_cell[key] == cell[key], key

@@ -45,19 +45,21 @@ def noise_map(evaluator):
     return evaluator.evaluate_attack(UniformNoise(8), AttackCell("NOISE", 8.0, 1))["mAP"]
 
 
-@pytest.mark.parametrize("attack", ["NES", "HSJA"])
-def test_query_attack_lowers_map_within_budget_without_backward(attack, evaluator, noise_map,
-                                                                 no_backward):
+# HSJA (decision-based) needs more queries than NES for the same effect: at 200 its mAP varied from
+# 50.4 to 61.7 with the random stream alone (clean 66.2).
+@pytest.mark.parametrize("attack, budget", [("NES", BUDGET), ("HSJA", 3 * BUDGET)])
+def test_query_attack_lowers_map_within_budget_without_backward(attack, budget, evaluator,
+                                                                 noise_map, no_backward):
     from robustreid.evaluation.query_attack_evaluator import QueryCell
 
     model = evaluator.model
     model.zero_grad(set_to_none=True)  # training left gradients behind; none may appear now
-    result = evaluator.evaluate_cell(QueryCell(attack, 8.0, BUDGET))
+    result = evaluator.evaluate_cell(QueryCell(attack, 8.0, budget))
     clean = evaluator.clean["mAP"]
-    # Measured (seed 0, clean 66.2, noise of the same budget ~ clean): NES 45.8, HSJA 50.4
+    # Measured (seed 0, clean 66.2, noise of the same budget ~ clean): NES 45.8 at 200 queries
     assert result["mAP"] < clean - 8 and result["mAP"] < noise_map - 5, (clean, noise_map, result)
     assert result["within_budget"] and result["max_linf_255"] <= 8 + 1e-3
-    assert result["query_budget"] == BUDGET and 0 < result["queries_max"] <= BUDGET
+    assert result["query_budget"] == budget and 0 < result["queries_max"] <= budget
     assert result["images"] == len(evaluator.query.items)
     assert all(p.grad is None for p in model.parameters())
 

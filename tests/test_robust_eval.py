@@ -297,6 +297,24 @@ def test_cli_process_exit_code_and_single_line(weights, datasets_root, tmp_path)
     assert "looks like [0, 1] units" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_cli_prints_the_written_report_and_exits_1_on_a_failed_check(tmp_path, capsys):
+    """The launching process prints the report rank 0 wrote: table, path, sanity checks."""
+    checks = [{"name": "eps 0 = clean", "passed": True, "detail": "same numbers"},
+              {"name": "beats noise", "passed": False, "detail": "mAP 30.0 vs 29.0"}]
+    report = {"settings": {"output_dir": str(tmp_path)},
+              "datasets": [{"dataset": "SynthReIDTiny", "sanity": {"checks": checks}}]}
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    (tmp_path / "results.md").write_text("| Clean | FNA 8/255-2 |\n")
+    assert load_tool().print_report(str(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert "| Clean | FNA 8/255-2 |" in out and f"report: {tmp_path}" in out
+    assert "[SynthReIDTiny] PASS  eps 0 = clean: same numbers" in out
+    assert "[SynthReIDTiny] FAIL  beats noise: mAP 30.0 vs 29.0" in out
+    report["datasets"][0]["sanity"]["checks"] = checks[:1]
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    assert load_tool().print_report(str(tmp_path)) == 0
+
+
 def test_trainer_test_adds_flat_robust_keys(trained):
     from robustreid.engine import RobustTrainer
 

@@ -26,6 +26,11 @@ PASS/FAIL for each and exits 1 if any fails. Bad input exits 2 with one "error: 
 --attack-option WMA:loss=fna --attack-option WMA:sinkhorn_iters=30 (values: Python literals, else
 strings; an unknown attack or keyword or a bad value exits 2 naming it).
 
+--num-gpus N (per machine; CPU: gloo processes), --num-machines, --machine-rank and --dist-url work as
+in tools/train_net.py: the attacked batches are shared out over the processes and gathered back,
+with the results of one process (robustreid/evaluation/distributed_attack.py); the process of rank
+0 writes the report and its machine prints it. Retrieval protocol only.
+
 --protocol clustering is EAT's threat model (robustreid/evaluation/robust_clustering.py): the whole
 test set (query and gallery pooled, each image once) is attacked, every sample, by L-inf PGD on the
 self-metric objective L(F(x_adv), F(x)) from a random start (the registered SMA; --attacks SMA is
@@ -63,35 +68,38 @@ on another model (transfer). Writes results.json, results.md (with how each pert
 learned) and mAP_vs_eps.png.
 """
 import argparse
+import json
 import os
 import sys
 import time
 
 import robustreid  # noqa: F401  (compat patches + registrations)
+from fastreid.utils import comm
+from robustreid import rendezvous
 from robustreid.checksums import sha256_of
-from robustreid.cli import OneLineParser, report_misplaced_flags
+from robustreid.cli import OneLineParser, add_launch_arguments, report_misplaced_flags
 from robustreid.attacks import (AttackConfigError, build_defense, build_surrogate_extractor,
                                 eps_from_255, eps_unit)
 from robustreid.config import ConfigError, load_config
 from robustreid.engine import (USER_ERRORS, RobustTrainer, check_output_dir, check_weights,
-                               check_weights_fit, preflight, setup)
+                               check_weights_fit, launch, preflight, setup)
 from robustreid.engine.eat import default_step_size
 from robustreid.data.corruptions import CORRUPTIONS, SEVERITIES
 from robustreid.evaluation.clustering_evaluator import check_clustering_config
 from robustreid.evaluation.corruption_evaluator import CORRUPTED_SIDES, CorruptionEvaluator
-from robustreid.evaluation.corruption_report import corruption_markdown, write_corruption_report
+from robustreid.evaluation.corruption_report import write_corruption_report
+from robustreid.evaluation.distributed_attack import DistributedRobustEvaluator
 from robustreid.evaluation.guide_choice import check_guides
 from robustreid.evaluation.universal_evaluator import UAPCell, UAPEvaluator
 from robustreid.evaluation.query_attack_evaluator import QueryAttackEvaluator, query_grid
 from robustreid.evaluation.protocol_reports import (query_markdown, uap_markdown,
                                                      write_protocol_report)
-from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report,
+from robustreid.evaluation.robust import (SanityCheck, attack_grid, build_report,
                                           check_attack_settings, parse_attack_options,
-                                          robust_markdown, sanity_checks, write_report)
+                                          sanity_checks, write_report)
 from robustreid.evaluation.robust_clustering import (ATTACK as CLUSTERING_ATTACK,
                                                      ClusteringRobustEvaluator, PGDCell,
-                                                     check_sample_counts, clustering_markdown,
-                                                     write_clustering_report)
+                                                     check_sample_counts, write_clustering_report)
 
 OPTION_NAMES = {"attacks": "--attacks", "eps": "--eps", "steps": "--steps",
                 "distance": "--distance", "eot": "--eot", "options": "--attack-option",
@@ -157,6 +165,7 @@ def build_parser():
                                            "e.g. 1,3,5")
     parser.add_argument("--corrupt", choices=CORRUPTED_SIDES,
                         help="corruptions protocol: the corrupted side(s) (default both)")
+    add_launch_arguments(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="MODEL.WEIGHTS path and KEY VALUE pairs")
     return parser
 
@@ -388,7 +397,8 @@ def run_clustering(settings, cfg, model):
 
 
 def run(ns, settings, checked_cfg, defense):
-    """Evaluate every test dataset, write the report; returns (report, sanity checks)."""
+    """Evaluate every test dataset (this process's share of the attacks); the main process writes
+    the report (results.json holds the sanity checks too)."""
     output = report_dir(ns, checked_cfg)
     # fastreid's logger and config dump go to the report's directory; device resolved; seeded.
     cfg = setup(argparse.Namespace(config_file=ns.config_file, eval_only=True,
@@ -404,7 +414,7 @@ def run(ns, settings, checked_cfg, defense):
         report = build_report(report_settings(ns, settings, cfg, output), datasets,
                               time.perf_counter() - start)
         write_corruption_report(report, output)
-        return report, []
+        return
     if settings["protocol"] == "query":
         start = time.perf_counter()
         cells = query_grid(settings["attacks"], settings["eps"], settings["query_budgets"])
@@ -414,7 +424,7 @@ def run(ns, settings, checked_cfg, defense):
         report = build_report(report_settings(ns, settings, cfg, output), datasets,
                               time.perf_counter() - start)
         write_protocol_report(report, output, query_markdown)
-        return report, []
+        return
     if settings["protocol"] == "uap":
         surrogate = (build_surrogate_extractor(settings["surrogate_config"],
                                                settings["surrogate_weights"])
@@ -428,22 +438,23 @@ def run(ns, settings, checked_cfg, defense):
         report = build_report(report_settings(ns, settings, cfg, output), datasets,
                               time.perf_counter() - start)
         write_protocol_report(report, output, uap_markdown)
-        return report, []
+        return
     if settings["protocol"] == "clustering":
         start = time.perf_counter()
         datasets = run_clustering(settings, cfg, model)
         report = build_report(report_settings(ns, settings, cfg, output), datasets,
                               time.perf_counter() - start)
-        write_clustering_report(report, output)
-        return report, []
+        if comm.is_main_process():
+            write_clustering_report(report, output)
+        return
     surrogate = (build_surrogate_extractor(settings["surrogate_config"], settings["surrogate_weights"])
                  if settings["surrogate_config"] else None)
     seed = max(cfg.ROBUSTREID.SEED, 0)
     cells = attack_grid(settings["attacks"], settings["eps"], settings["steps"])
     start = time.perf_counter()
-    datasets, checks = [], []
+    datasets = []
     for name in cfg.DATASETS.TESTS:
-        evaluator = RobustEvaluator(
+        evaluator = DistributedRobustEvaluator(
             cfg, model, name, distance=settings["distance"], max_queries=settings["max_queries"],
             attack_gallery=settings["attack_gallery"], guides=settings["guides"],
             eot_samples=settings["eot"], defense=defense,
@@ -453,12 +464,11 @@ def run(ns, settings, checked_cfg, defense):
         if ns.sanity:
             dataset_checks, extra = sanity_checks(evaluator, result)
             result["sanity"] = {"checks": [vars(c) for c in dataset_checks], "cells": extra}
-            checks += [(name, c) for c in dataset_checks]
         datasets.append(result)
     report = build_report(report_settings(ns, settings, cfg, output), datasets,
                           time.perf_counter() - start)
-    write_report(report, output)
-    return report, checks
+    if comm.is_main_process():
+        write_report(report, output)
 
 
 def report_settings(ns, settings, cfg, output):
@@ -468,7 +478,22 @@ def report_settings(ns, settings, cfg, output):
             "weights": os.path.abspath(cfg.MODEL.WEIGHTS),
             "weights_sha256": sha256_of(cfg.MODEL.WEIGHTS), "datasets": list(cfg.DATASETS.TESTS),
             "metric": cfg.TEST.METRIC, "seed": max(cfg.ROBUSTREID.SEED, 0),
-            "device": cfg.MODEL.DEVICE, "output_dir": os.path.abspath(output)}
+            "device": cfg.MODEL.DEVICE, "processes": comm.get_world_size(),
+            "output_dir": os.path.abspath(output)}
+
+
+def print_report(output):
+    """The table, path and sanity checks of the report in ``output``; 1 if a check failed, else 0."""
+    with open(os.path.join(output, "results.json")) as f:
+        report = json.load(f)
+    with open(os.path.join(output, "results.md")) as f:
+        print("\n" + f.read())
+    print(f"report: {report['settings']['output_dir']}")
+    checks = [(d["dataset"], SanityCheck(**c)) for d in report["datasets"]
+              for c in d.get("sanity", {}).get("checks", [])]
+    for name, check in checks:
+        print(f"[{name}] {check.line()}")
+    return 1 if any(not c.passed for _, c in checks) else 0
 
 
 def main(argv=None):
@@ -476,19 +501,20 @@ def main(argv=None):
     if report_misplaced_flags(ns.opts):
         return 2
     try:
+        processes = rendezvous.check_launch(ns.num_gpus, ns.num_machines, ns.machine_rank,
+                                            ns.dist_url)
         settings, cfg, defense = check_inputs(ns)
+        if processes > 1 and settings["protocol"] != "retrieval":
+            raise ConfigError(f"--protocol {settings['protocol']} runs on one process: leave out "
+                              "--num-gpus and --num-machines")
+        launch(run, ns.num_gpus, num_machines=ns.num_machines, machine_rank=ns.machine_rank,
+               dist_url=ns.dist_url, args=(ns, settings, cfg, defense))
     except (*USER_ERRORS, AttackConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report, checks = run(ns, settings, cfg, defense)
-    markdown = {"clustering": clustering_markdown,
-                "corruptions": corruption_markdown,
-                "query": query_markdown, "uap": uap_markdown}.get(settings["protocol"], robust_markdown)
-    print("\n" + markdown(report))
-    print(f"report: {report['settings']['output_dir']}")
-    for name, check in checks:
-        print(f"[{name}] {check.line()}")
-    return 1 if any(not c.passed for _, c in checks) else 0
+    if not rendezvous.launches_rank0(ns.machine_rank):
+        return 0  # the machine of rank 0 writes and prints the report
+    return print_report(report_dir(ns, cfg))
 
 
 if __name__ == "__main__":

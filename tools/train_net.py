@@ -5,9 +5,12 @@
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model.pth
     python tools/train_net.py --config-file CFG --resume          # continue from OUTPUT_DIR
     python tools/train_net.py --config-file CFG --num-gpus 2      # 2 processes (gloo on CPU)
+    python tools/train_net.py --config-file CFG --num-gpus 4 --num-machines 2 --machine-rank R \
+        --dist-url tcp://HOST0:PORT                              # on each machine (README)
 
-On a CPU-only machine --num-gpus is the number of training processes. A run stopped by Ctrl-C or
-an error writes its last finished epoch (no evaluation, no model selection) and says how to resume;
+On a CPU-only machine --num-gpus is the number of training processes per machine; under torchrun
+each process it starts is one of them (README, "Multi-node training"). A run stopped by Ctrl-C or an
+error writes its last finished epoch (no evaluation, no model selection) and says how to resume;
 --resume then continues it exactly, as if it had never stopped.
 """
 import sys
@@ -15,7 +18,7 @@ import traceback
 
 import robustreid  # noqa: F401  (applies compat patches, registers everything)
 from fastreid.engine import default_argument_parser
-from robustreid.config import ConfigError
+from robustreid import rendezvous
 from robustreid.engine import (USER_ERRORS, RobustTrainer, build_config, build_trainer,
                                check_resume, launch, last_checkpoint, preflight, setup)
 
@@ -41,11 +44,11 @@ def cli(argv=None):
     args = default_argument_parser().parse_args(argv)
     cfg = None
     try:
-        if args.num_gpus < 1 or args.num_machines < 1:
-            raise ConfigError("--num-gpus and --num-machines must be >= 1")
+        world_size = rendezvous.check_launch(args.num_gpus, args.num_machines, args.machine_rank,
+                                             args.dist_url)
         # Validate config, weights and data once, in the launching process, before any worker starts.
         cfg = build_config(args)
-        preflight(cfg, eval_only=args.eval_only, world_size=args.num_gpus * args.num_machines)
+        preflight(cfg, eval_only=args.eval_only, world_size=world_size)
         if args.resume and not args.eval_only:
             check_resume(cfg)
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

@@ -2,6 +2,8 @@
 import argparse
 import sys
 
+from .rendezvous import DIST_URL_HELP
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports bad usage as one "error: ..." line (exit 2), like the tools' other
@@ -34,6 +36,16 @@ def run_tool(parser, work, errors, argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if code is None else code
+
+
+def add_launch_arguments(parser):
+    """fastreid's process flags, as tools/train_net.py has them (robustreid/rendezvous.py)."""
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="processes per machine (GPUs; on CPU: gloo processes)")
+    parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
+    parser.add_argument("--machine-rank", type=int, default=0,
+                        help="the rank of this machine (unique per machine)")
+    parser.add_argument("--dist-url", default=None, help=DIST_URL_HELP)
 
 
 def int_at_least(minimum):

@@ -16,6 +16,9 @@ Patches, in the order they must run:
   evaluator_no_cython_exit  ReidEvaluator compiles Cython with `make` and sys.exit(1)s when it can't.
   cpu_distributed_launch    launch() asserts CUDA and hard-codes NCCL; DDP is given CUDA device ids
                             (CPU only: on GPU fastreid's NCCL path runs unchanged).
+  multinode_rendezvous      multi-machine runs meet at 127.0.0.1: --dist-url defaults to it and gloo
+                            binds to the hostname's address, often loopback; under torchrun each
+                            process trains alone (robustreid/rendezvous.py). CPU and GPU.
   metric_printer_eta        CommonMetricPrinter divides by zero writing twice at one iteration
                             before IterationTimer has timed any (runs of at most 2 iterations).
   mobilenetv2_pretrain      build_mobilenetv2_backbone reads only its own module layout and loads it
@@ -62,7 +65,8 @@ def _record(name, original=None):
 
 
 def original(name):
-    """The object a patch replaced (None for patches that only added a missing name)."""
+    """The object a patch replaced (None for patches that only added a missing name; a dict by name
+    for a patch that replaced several)."""
     return _ORIGINALS[name]
 
 
@@ -240,6 +244,69 @@ def patch_cpu_distributed_launch():
     launch._distributed_worker = _distributed_worker
     engine_defaults.DistributedDataParallel = _device_aware_ddp(
         engine_defaults.DistributedDataParallel)
+
+
+# --- multi-machine launches: fastreid sends them to 127.0.0.1 (robustreid/rendezvous.py) ----------
+def _rendezvous_parser(fastreid_parser):
+    from .rendezvous import DIST_URL_HELP
+
+    @functools.wraps(fastreid_parser)
+    def default_argument_parser():
+        parser = fastreid_parser()
+        for action in parser._actions:
+            if action.dest == "dist_url":  # None: launch() decides from --num-machines and the env
+                action.default, action.help = None, DIST_URL_HELP
+        return parser
+
+    default_argument_parser._robustreid_patched = True
+    return default_argument_parser
+
+
+def _rendezvous_launch(fastreid_launch, launch_module, single_machine_url):
+    from . import rendezvous
+
+    @functools.wraps(fastreid_launch)
+    def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None,
+               args=()):
+        job = rendezvous.torchrun_process()
+        if job is not None:  # torchrun started this process as one worker of its job
+            rendezvous.world_size(num_gpus_per_machine, num_machines, machine_rank)
+            if job.num_nodes > 1:
+                rendezvous.bind_gloo_to_route("env://")
+            return launch_module._distributed_worker(job.local_rank, main_func, job.world_size,
+                                                     job.local_world_size, job.node_rank,
+                                                     "env://", args)
+        world_size = rendezvous.world_size(num_gpus_per_machine, num_machines, machine_rank)
+        if world_size == 1:
+            return main_func(*args)
+        dist_url = rendezvous.resolve_dist_url(dist_url, num_machines) or single_machine_url
+        if num_machines > 1:
+            rendezvous.bind_gloo_to_route(dist_url)
+        if num_gpus_per_machine == 1:  # this process is the machine's worker: no spawn, no re-import
+            return launch_module._distributed_worker(0, main_func, world_size, 1, machine_rank,
+                                                     dist_url, args)
+        return fastreid_launch(main_func, num_gpus_per_machine, num_machines, machine_rank,
+                               dist_url, args)
+
+    launch._robustreid_patched = True
+    return launch
+
+
+def patch_multinode_rendezvous():
+    import fastreid.engine as engine
+    import fastreid.engine.defaults as engine_defaults
+    launch_module = importlib.import_module("fastreid.engine.launch")
+
+    if getattr(launch_module.launch, "_robustreid_patched", False):
+        return
+    fastreid_launch, fastreid_parser = launch_module.launch, engine_defaults.default_argument_parser
+    single_machine_url = fastreid_parser().get_default("dist_url")
+    launch = _rendezvous_launch(fastreid_launch, launch_module, single_machine_url)
+    parser = _rendezvous_parser(fastreid_parser)
+    launch_module.launch = engine.launch = launch
+    engine_defaults.default_argument_parser = engine.default_argument_parser = parser
+    _record("multinode_rendezvous", {"launch": fastreid_launch,
+                                     "default_argument_parser": fastreid_parser})
 
 
 # --- fastreid's metric printer: ZeroDivisionError on short runs -----------------------------------
@@ -425,6 +492,7 @@ _PATCHES = (
     patch_cpu_data_loader,
     patch_evaluator_no_cython_exit,
     patch_cpu_distributed_launch,
+    patch_multinode_rendezvous,
     patch_metric_printer_eta,
     patch_mobilenetv2_pretrain,
     patch_imagecorruptions_resources,

@@ -27,6 +27,7 @@ import time
 
 import torch
 from fastreid.engine.train_loop import SimpleTrainer
+from fastreid.utils import comm
 from fastreid.utils.events import get_event_storage
 from torch.func import functional_call
 
@@ -34,7 +35,7 @@ from ..attacks import GuideSet, ReidFeatureExtractor, build_attack
 from ..config import ConfigError, check_pixel_sigma
 from ..modeling.dg_config import check_dg_config
 from ..modeling.losses.soft_labels import smooth_labels
-from ..parallel import unwrap
+from ..parallel import all_gather_rows, unwrap
 from .adversarial_learning import FeatureAdversary
 from .distributed import mean_across_ranks
 from .eat import check_eat_config
@@ -68,7 +69,8 @@ class MetricAdversarialBatch:
     """Phase "adversarial": replace (or extend) the batch with adversarial examples.
 
     Each step crafts ``ADV_TRAIN.ATTACK`` (FNA by default) examples of the training batch with the
-    batch itself as the guide set A (DDDefense eq. 3), budget ``ADV_TRAIN.EPS``/255 and
+    batch itself as the guide set A (DDDefense eq. 3; with several processes each crafts its own
+    images' examples against the whole batch, as one process would), budget ``ADV_TRAIN.EPS``/255 and
     ``ADV_TRAIN.STEPS`` iterations (5/255, 8 steps: DDDefense supplementary). The model is in eval
     mode with frozen parameters while crafting (input gradients only; BN statistics untouched, see
     ReidFeatureExtractor). With ``ADV_TRAIN.INCLUDE_CLEAN`` the clean images stay in the batch;
@@ -118,8 +120,7 @@ class MetricAdversarialBatch:
         with extractor.frozen_eval():  # one block: the eval-mode model is prepared once per step
             with torch.no_grad():
                 clean_features = extractor(images01)
-            guides = GuideSet(clean_features, pids)
-            rows = torch.arange(len(pids), device=pids.device)
+            guides, rows = whole_batch_guides(clean_features, pids)
             adv01 = attack.perturb(images01, pids, guides, sample_index=rows)
         adv = {"targets": pids}
         if self.fnes is not None:
@@ -142,6 +143,14 @@ class MetricAdversarialBatch:
         if "img_paths" in batch:
             out["img_paths"] = list(batch["img_paths"]) * 2
         return out
+
+
+def whole_batch_guides(clean_features, pids):
+    """The training batch as a guide set, every process's rows in rank order (the batch one process
+    would have), and the rows of this process's samples in it."""
+    rank = comm.get_rank()
+    features, batch_pids, owners = all_gather_rows(clean_features, pids, torch.full_like(pids, rank))
+    return GuideSet(features, batch_pids), (owners == rank).nonzero().squeeze(1)
 
 
 def build_batch_phases(cfg):

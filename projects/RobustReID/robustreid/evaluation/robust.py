@@ -385,10 +385,16 @@ class RobustEvaluator:
         split = self.attacked
         guides, own_rows = self.guide_set(attack)
         bound = cell.eps + 255e-6  # 1e-6 in [0, 1] units for L-inf budgets
-        feats, max_linf, max_used, in_range, offset = [], 0.0, 0.0, True, 0
-        batches = tqdm(self._loader(split), desc=f"{self.dataset_name} {cell.label}", unit="batch",
+        feats, max_linf, max_used, in_range = [], 0.0, 0.0, True
+        size = self.cfg.TEST.IMS_PER_BATCH
+        first, stop = self._batch_share(-(-len(split.items) // size))
+        share = Split(split.name, split.items[first * size:stop * size])
+        batches = tqdm(self._loader(share), desc=f"{self.dataset_name} {cell.label}", unit="batch",
                        leave=True, disable=not self.progress, dynamic_ncols=True)
-        for batch in batches:
+        for index, batch in enumerate(batches, start=first):
+            # A batch's random stream depends on its position alone: any process can attack it.
+            torch.manual_seed(self.seed + index)
+            offset = index * size
             x01 = self._x01(batch)
             rows = torch.arange(offset, offset + len(x01), device=self.device) if own_rows else None
             adv = attack.perturb(x01, batch["targets"].to(self.device), guides=guides,
@@ -403,7 +409,16 @@ class RobustEvaluator:
             max_linf, max_used, in_range = max(max_linf, linf), max(max_used, used), in_range and valid
             with torch.no_grad():
                 feats.append(self._retrieval_features(self.extractor, adv))
-            offset += len(x01)
+        return self._gathered(feats, max_linf, max_used, in_range)
+
+    def _batch_share(self, num_batches):
+        """The batches [first, stop) of the attacked split this process attacks: all of them (a
+        distributed evaluation's share: evaluation/distributed_attack.py)."""
+        return 0, num_batches
+
+    def _gathered(self, feats, max_linf, max_used, in_range):
+        """The attacked split's features and budget figures from this process's batches (here: all
+        of them)."""
         return torch.cat(feats), max_linf, max_used, in_range
 
     def evaluate_attack(self, attack, cell):
