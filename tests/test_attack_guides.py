@@ -134,7 +134,8 @@ def test_gallery_guided_ifgsm_respects_its_budget_and_raises_its_loss():
 
 def test_defaults_are_bai_gallery_guides_and_bad_values_name_their_option(tiny_cfg):
     from robustreid.config import ConfigError
-    from robustreid.evaluation.robust import RobustEvaluator, check_robust_config
+    from robustreid.evaluation.attack_grid import check_robust_config
+    from robustreid.evaluation.robust import RobustEvaluator
 
     assert tiny_cfg.TEST.ROBUST.GUIDES == ""
     assert RobustEvaluator.__init__.__kwdefaults__["guides"] == ""
@@ -181,7 +182,7 @@ def random_model_evaluators(tmp_path_factory, datasets_root):
 
 
 def test_query_option_reproduces_the_old_numbers(random_model_evaluators):
-    from robustreid.evaluation.robust import AttackCell
+    from robustreid.evaluation.attack_grid import AttackCell
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -198,7 +199,8 @@ def test_query_option_reproduces_the_old_numbers(random_model_evaluators):
 
 
 def test_each_cell_reports_its_guide_split(random_model_evaluators):
-    from robustreid.evaluation.robust import attack_grid, build_report, robust_markdown
+    from robustreid.evaluation.attack_grid import attack_grid
+    from robustreid.evaluation.robust_report import build_report, robust_markdown
 
     result = random_model_evaluators[""].run(attack_grid(["FNA", "SMA", "IFGSM"], [8], [1]))
     assert {c["attack"]: c["guides"] for c in result["cells"]} == {
@@ -208,7 +210,8 @@ def test_each_cell_reports_its_guide_split(random_model_evaluators):
 
 
 def test_robust_evaluation_runs_fna_as_bouniot_and_options_override_it():
-    from robustreid.evaluation.robust import AttackCell, RobustEvaluator
+    from robustreid.evaluation.attack_grid import AttackCell
+    from robustreid.evaluation.robust import RobustEvaluator
 
     evaluator = RobustEvaluator.__new__(RobustEvaluator)  # only the attack factory is exercised
     evaluator.attack_extractor, evaluator.distance, evaluator.eot_samples = object(), "euclidean", 1

@@ -403,7 +403,7 @@ def test_robust_eval_on_two_processes_equals_one_process(tmp_path, datasets_root
     from fastreid.modeling import build_model
 
     from robustreid.data.validation import build_dataset
-    from robustreid.evaluation.robust import METRICS
+    from robustreid.evaluation.attack_grid import METRICS
 
     build_dataset("SynthReIDTiny")
     torch.manual_seed(0)

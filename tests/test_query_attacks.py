@@ -40,7 +40,8 @@ def evaluator(trained_tiny):
 
 @pytest.fixture(scope="module")
 def noise_map(evaluator):
-    from robustreid.evaluation.robust import AttackCell, UniformNoise
+    from robustreid.evaluation.attack_grid import AttackCell
+    from robustreid.evaluation.robust import UniformNoise
 
     return evaluator.evaluate_attack(UniformNoise(8), AttackCell("NOISE", 8.0, 1))["mAP"]
 

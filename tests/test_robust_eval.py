@@ -50,13 +50,13 @@ def evaluator(trained):
 
 
 def cell(attack, eps, steps=STEPS):
-    from robustreid.evaluation.robust import AttackCell
+    from robustreid.evaluation.attack_grid import AttackCell
 
     return AttackCell(attack, float(eps), steps)
 
 
 def numbers(result):
-    from robustreid.evaluation.robust import METRICS
+    from robustreid.evaluation.attack_grid import METRICS
 
     return [result[m] for m in METRICS], result["per_identity_mAP"]["values"]
 
@@ -189,7 +189,8 @@ def test_a_budget_violation_stops_the_evaluation(evaluator):
 
 
 def test_sanity_checks_pass_on_a_trained_model(evaluator):
-    from robustreid.evaluation.robust import attack_grid, sanity_checks
+    from robustreid.evaluation.attack_grid import attack_grid
+    from robustreid.evaluation.robust_sanity import sanity_checks
 
     result = evaluator.run(attack_grid(["FNA"], [8], [STEPS]))
     checks, extra = sanity_checks(evaluator, result)
@@ -370,7 +371,8 @@ def test_preflight_rejects_bad_robust_settings(tiny_cfg, key, value, message):
 
 
 def test_tables_mark_eot_columns_and_noise_draws_average_features(tiny_cfg):
-    from robustreid.evaluation.robust import RobustEvaluator, papers_table
+    from robustreid.evaluation.robust import RobustEvaluator
+    from robustreid.evaluation.robust_report import papers_table
 
     cell = {"label": "FNA 8/255-16", "mAP": 10.0, "Rank-1": 20.0}
     report = {"settings": {"model": "m"}, "datasets": [
@@ -392,7 +394,8 @@ def test_tables_mark_eot_columns_and_noise_draws_average_features(tiny_cfg):
 
 
 def test_step_size_reaches_every_attack(tiny_cfg):
-    from robustreid.evaluation.robust import AttackCell, RobustEvaluator
+    from robustreid.evaluation.attack_grid import AttackCell
+    from robustreid.evaluation.robust import RobustEvaluator
 
     evaluator = RobustEvaluator.__new__(RobustEvaluator)  # only the attack factory is exercised
     evaluator.attack_extractor, evaluator.distance, evaluator.eot_samples = object(), "euclidean", 1
@@ -416,8 +419,9 @@ def test_query_subsets_keep_identities_whole():
 
 def test_attack_options_reach_their_attack_only(tiny_cfg, monkeypatch):
     import robustreid.evaluation.robust as robust
-    from robustreid.evaluation.robust import (ROBUST_CONFIG_NAMES, AttackCell, RobustEvaluator,
-                                              parse_attack_options)
+    from robustreid.evaluation.attack_grid import (ROBUST_CONFIG_NAMES, AttackCell,
+                                                   check_robust_config, parse_attack_options)
+    from robustreid.evaluation.robust import RobustEvaluator
 
     entries = ["WMA:loss=fna", "WMA: sinkhorn_iters = 30", "FNA:rand_init=False"]
     options = parse_attack_options(entries, ["FNA", "WMA", "IFGSM"], ROBUST_CONFIG_NAMES)
@@ -443,7 +447,7 @@ def test_attack_options_reach_their_attack_only(tiny_cfg, monkeypatch):
     monkeypatch.setattr(robust, "RobustEvaluator", Recorder)
     tiny_cfg.TEST.ROBUST.ATTACKS, tiny_cfg.TEST.ROBUST.EPS = ("WMA",), (0.1,)
     tiny_cfg.TEST.ROBUST.ATTACK_OPTIONS = ("WMA:loss=ama", "WMA:lam=1e3")
-    robust.check_robust_config(tiny_cfg)
+    check_robust_config(tiny_cfg)
     robust.robust_test(tiny_cfg, model=None)
     assert built == [{"WMA": {"loss": "ama", "lam": 1000.0}}]
 

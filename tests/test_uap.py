@@ -30,7 +30,8 @@ def surrogate_of(trained):
 
 
 def test_uap_from_one_model_lowers_another_models_map(models):
-    from robustreid.evaluation.robust import AttackCell, UniformNoise
+    from robustreid.evaluation.attack_grid import AttackCell
+    from robustreid.evaluation.robust import UniformNoise
     from robustreid.evaluation.universal_evaluator import UAPCell, UAPEvaluator
 
     surrogate, (cfg, model, _, _) = models

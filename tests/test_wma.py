@@ -292,7 +292,7 @@ def test_bad_settings_raise_naming_the_value(options, named):
 
 def test_robust_evaluation_checks_budgets_in_each_attacks_units():
     from robustreid.config import ConfigError
-    from robustreid.evaluation.robust import ROBUST_CONFIG_NAMES, check_attack_settings
+    from robustreid.evaluation.attack_grid import ROBUST_CONFIG_NAMES, check_attack_settings
 
     check_attack_settings(["WMA"], [0.01, 0.1], [4], "euclidean", 1, ROBUST_CONFIG_NAMES)
     check_attack_settings(["FNA"], [8], [4], "euclidean", 1, ROBUST_CONFIG_NAMES)
@@ -304,7 +304,8 @@ def test_robust_evaluation_checks_budgets_in_each_attacks_units():
 
 def test_robust_evaluator_checks_each_attack_in_its_own_units(tmp_path, datasets_root):
     from fastreid.modeling import build_model
-    from robustreid.evaluation.robust import AttackCell, BudgetViolation, RobustEvaluator
+    from robustreid.evaluation.attack_grid import AttackCell
+    from robustreid.evaluation.robust import BudgetViolation, RobustEvaluator
 
     torch.manual_seed(0)
     cfg = make_tiny_cfg(tmp_path / "out", "MODEL.HEADS.NUM_CLASSES", "12")

@@ -26,8 +26,9 @@ import warnings
 import robustreid  # noqa: F401
 from fastreid.engine import default_argument_parser
 from robustreid.engine import USER_ERRORS, RobustTrainer, build_config, preflight, setup
-from robustreid.evaluation.robust import (RobustEvaluator, attack_grid, build_report, papers_table,
-                                          write_report)
+from robustreid.evaluation.attack_grid import attack_grid
+from robustreid.evaluation.robust import RobustEvaluator
+from robustreid.evaluation.robust_report import build_report, papers_table, write_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs", "SynthReID")

@@ -53,7 +53,7 @@ from robustreid.cli import OneLineParser
 from robustreid.config import load_config
 from robustreid.engine import USER_ERRORS, preflight
 from robustreid.evaluation.intervals import INTERVALS, mean_std, paired_interval
-from robustreid.evaluation.robust import _figure_axes
+from robustreid.evaluation.plots import figure_axes
 from run_state import final_weights, resume_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -532,7 +532,7 @@ def plot(summary, path):
     """One panel per measure (mAP, Rank-1; NMI, F1, R@k, ERS): a bar per method and setting, ±1 std
     error bars."""
     measures = list(dict.fromkeys(m.rpartition(" ")[2] for m in summary["metrics"]))
-    plt, fig, axes = _figure_axes(len(measures))
+    plt, fig, axes = figure_axes(len(measures))
     methods = list(summary["cells"])
     width = 0.8 / max(len(methods), 1)
     for ax, measure in zip(axes, measures):

@@ -94,9 +94,10 @@ from robustreid.evaluation.universal_evaluator import UAPCell, UAPEvaluator
 from robustreid.evaluation.query_attack_evaluator import QueryAttackEvaluator, query_grid
 from robustreid.evaluation.protocol_reports import (query_markdown, uap_markdown,
                                                      write_protocol_report)
-from robustreid.evaluation.robust import (SanityCheck, attack_grid, build_report,
-                                          check_attack_settings, parse_attack_options,
-                                          sanity_checks, write_report)
+from robustreid.evaluation.attack_grid import (attack_grid, check_attack_settings,
+                                               parse_attack_options)
+from robustreid.evaluation.robust_report import build_report, write_report
+from robustreid.evaluation.robust_sanity import SanityCheck, sanity_checks
 from robustreid.evaluation.robust_clustering import (ATTACK as CLUSTERING_ATTACK,
                                                      ClusteringRobustEvaluator, PGDCell,
                                                      check_sample_counts, write_clustering_report)

@@ -90,7 +90,7 @@ def add_robustreid_config(cfg):
     cfg.TEST.ROBUST.STEP_SIZE = 0.0
     # Keyword options of single attacks as "NAME:key=value" strings, e.g. ("WMA:loss=fna",
     # "WMA:sinkhorn_iters=30"); values are Python literals, else strings
-    # (robustreid.evaluation.robust.parse_attack_options).
+    # (robustreid.evaluation.attack_grid.parse_attack_options).
     cfg.TEST.ROBUST.ATTACK_OPTIONS = ()
     # Distance the attacks optimise ("euclidean", as the papers); ranking uses TEST.METRIC.
     cfg.TEST.ROBUST.DISTANCE = "euclidean"

@@ -189,7 +189,7 @@ def preflight(cfg, eval_only=False, world_size=1):
     train_names = () if eval_only else cfg.DATASETS.NAMES
     check_datasets(train_names, cfg.DATASETS.TESTS, verify=cfg.DATALOADER.VERIFY_IMAGES)
     if cfg.TEST.ROBUST.ENABLED:
-        from ..evaluation.robust import check_robust_config  # imports the attacks only when used
+        from ..evaluation.attack_grid import check_robust_config  # imports the attacks only when used
 
         check_robust_config(cfg)
 

@@ -16,7 +16,8 @@ import os
 
 import numpy as np
 
-from .robust import _figure_axes, environment
+from .plots import figure_axes
+from .robust_report import environment
 
 # Radii of the table: Cohen et al.'s columns (L2, [0, 1] pixel units).
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -76,7 +77,7 @@ def certified_markdown(report):
 
 def plot_certified_curves(report, path):
     """Certified accuracy against radius, one step line per sigma."""
-    plt, fig, (ax,) = _figure_axes(1)
+    plt, fig, (ax,) = figure_axes(1)
     certified = [r["radius"] for entry in report["sigmas"] for r in entry["records"]]
     radii = np.linspace(0.0, max(certified + [RADII[-1]]) * 1.05, 400)
     for entry in by_sigma(report):

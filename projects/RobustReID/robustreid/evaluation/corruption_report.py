@@ -14,7 +14,7 @@
 import numpy as np
 
 from .protocol_reports import write_report_files
-from .robust import _figure_axes
+from .plots import figure_axes
 
 MEASURES = ("mINP", "mAP", "Rank-1")
 
@@ -111,7 +111,7 @@ def corruption_markdown(report):
 
 def plot_corruption_heatmap(report, path):
     """mAP per severity (rows) x corruption (columns), one panel per dataset, values written in."""
-    plt, fig, axes = _figure_axes(len(report["datasets"]))
+    plt, fig, axes = figure_axes(len(report["datasets"]))
     width = max(6.0, 0.75 * max((len(corruption_grid(d)[0]) for d in report["datasets"]),
                                 default=1))
     fig.set_size_inches(width * len(axes), 4.5)

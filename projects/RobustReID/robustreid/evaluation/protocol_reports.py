@@ -3,7 +3,7 @@ protocol's tables (:func:`robust_markdown`) plus each protocol's own columns."""
 import json
 import os
 
-from .robust import plot_map_vs_eps, robust_markdown
+from .robust_report import plot_map_vs_eps, robust_markdown
 
 
 def query_markdown(report):

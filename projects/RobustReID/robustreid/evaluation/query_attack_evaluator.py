@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from ..attacks.query_based import QUERY_ATTACKS, RetrievalSystem
 from ..config import ConfigError
-from .robust import RobustEvaluator, format_eps
+from .attack_grid import format_eps
+from .robust import RobustEvaluator
 
 
 @dataclass(frozen=True)

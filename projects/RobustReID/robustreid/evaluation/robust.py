@@ -16,16 +16,12 @@ result carries the per-identity mAP (mean AP over each identity's valid queries)
 standard deviation over identities (population std), DDDefense's fairness measure (its Fig. 8).
 
 Not applied here: TEST.FLIP, TEST.AQE and TEST.RERANK (plain retrieval with TEST.METRIC).
+
+The cells and their checks are in :mod:`.attack_grid`, the sanity checks in :mod:`.robust_sanity`,
+the report files in :mod:`.robust_report`.
 """
-import ast
-import json
 import logging
-import os
-import platform
 import time
-from dataclasses import dataclass
-from importlib import metadata
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,25 +31,17 @@ from fastreid.data.transforms import build_transforms
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..attacks import (ATTACK_REGISTRY, DISTANCES, AttackConfigError, EOTAttack, GuideSet,
-                       ReidFeatureExtractor, build_attack, eps_unit, registered_attacks)
+from ..attacks import EOTAttack, GuideSet, ReidFeatureExtractor, build_attack
 from ..attacks.eot import expected_output
-from ..attacks.validation import check_choice, positive_int
-from ..config import ConfigError
 from ..data.validation import build_dataset
+from .attack_grid import (METRICS, ROBUST_CONFIG_NAMES, attack_grid, format_eps,
+                          parse_attack_options)
 from .faiss_evaluator import _faiss_options
 from .guide_choice import check_guides, guide_split_name
 from .ranking import evaluate_rank_from_features, valid_query_mask
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")
-ROBUST_CONFIG_NAMES = {key: f"TEST.ROBUST.{key.upper()}" for key in
-                       ("attacks", "eps", "steps", "distance")} | {
-                           "eot": "TEST.ROBUST.EOT_SAMPLES",
-                           "options": "TEST.ROBUST.ATTACK_OPTIONS", "guides": "TEST.ROBUST.GUIDES"}
-# Keywords every cell sets itself (attack_grid, RobustEvaluator): not per-attack options.
-CELL_KEYWORDS = ("eps", "steps", "distance")
 # Attack options of the evaluation that differ from the attack classes' defaults (those of the
 # training attack); attack_options override them. FNA as Bouniot et al.'s evaluation code runs it:
 # from x (not DDDefense eq. 3's random start) with the query's own clean feature among its push
@@ -63,110 +51,10 @@ CELL_KEYWORDS = ("eps", "steps", "distance")
 # 56.5): mAP 19.96 vs 21.56 (random start, own row left out) at 1/255-16, 4.38 vs 5.61 at 2/255-4,
 # 0.84 vs 0.85 at 8/255-16 (below chance, 2.2).
 EVALUATION_OPTIONS = {"FNA": {"rand_init": False, "include_self": True}}
-# Slack on "mAP does not increase with eps or steps" (mAP points): attacks are local searches.
-MONOTONE_TOLERANCE = 0.5
-# The "very large budget" of the sanity check, and how close to chance it must bring the model:
-# at most this fraction of the model's above-chance mAP may survive.
-LARGE_EPS = 64.0
-NEAR_CHANCE_FRACTION = 0.1
 
 
 class BudgetViolation(AssertionError):
     """An attack returned an image outside its L-inf ball or outside [0, 1]."""
-
-
-@dataclass(frozen=True)
-class AttackCell:
-    """One column of a robustness table: an attack at one budget (1/255 units) and iteration count."""
-
-    attack: str
-    eps: float
-    steps: int
-
-    @property
-    def key(self):
-        """Flat-metric prefix, e.g. ``FNA_8_16`` (``FNA_8/mAP`` would clash with the "/" nesting)."""
-        return f"{self.attack}_{format_eps(self.eps)}_{self.steps}"
-
-    @property
-    def label(self):
-        """The papers' column header, e.g. ``FNA 8/255-16`` (``WMA 0.1-16``: budgets in the
-        attack's own units)."""
-        return f"{self.attack} {format_eps(self.eps)}{eps_unit(self.attack)}-{self.steps}"
-
-
-def format_eps(eps):
-    """8.0 -> "8", 8.5 -> "8.5" (budgets are printed in 1/255 units)."""
-    return f"{float(eps):g}"
-
-
-def attack_grid(attacks, eps_values, steps_values):
-    """Every attack x eps x steps cell, attack-major (the papers' column order)."""
-    return [AttackCell(a, float(e), int(s)) for a in attacks for e in eps_values for s in steps_values]
-
-
-def check_attack_settings(attacks, eps_values, steps_values, distance, eot_samples, names):
-    """Raise :class:`ConfigError` for the first bad setting, naming its option (``names[setting]``,
-    e.g. ``{"eps": "--eps"}`` or ``{"eps": "TEST.ROBUST.EPS"}``), before any work starts."""
-    known = registered_attacks()
-    unknown = [a for a in attacks if a not in known]
-    if not attacks or unknown:
-        raise ConfigError(f"{names['attacks']}: unknown attack(s) {unknown or list(attacks)}; "
-                          f"registered: {', '.join(known)}")
-    def check_each(setting, check, values):
-        if not values:
-            raise ConfigError(f"{names[setting]} is empty")
-        try:
-            for value in values:
-                check(value)
-        except AttackConfigError as e:
-            raise ConfigError(f"{names[setting]}: {e}") from None
-
-    for attack in attacks:  # each attack checks budgets in its own units (WMA: transport cost)
-        check_each("eps", ATTACK_REGISTRY.get(attack).check_eps, eps_values)
-    check_each("steps", lambda s: positive_int(s, "steps"), steps_values)
-    check_each("distance", lambda d: check_choice(d, DISTANCES, "distance"), [distance])
-    check_each("eot", lambda n: positive_int(n, "EOT samples"), [eot_samples])
-
-
-def _option_value(text):
-    """A Python literal ("30", "1e3", "True", "(1, 2)") as its value, anything else as is."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_attack_options(entries, attacks, names):
-    """``["WMA:loss=fna", "WMA:sinkhorn_iters=30"]`` -> ``{"WMA": {"loss": "fna", "sinkhorn_iters":
-    30}}``: keyword options of individual attacks, for :func:`build_attack`. Values are Python
-    literals (int, float, bool, tuple), else strings. Each attack is built once with its options, so
-    an unknown keyword or a bad value fails here, before any work. Raises ConfigError naming the
-    option (``names["options"]``, as in :func:`check_attack_settings`) and the entry or attack at
-    fault: a malformed entry, an attack not in ``attacks``, a keyword the grid sets (eps, steps,
-    distance), an unknown keyword or a bad value."""
-    name = names["options"]
-    options = {}
-    for entry in entries:
-        attack, colon, setting = entry.partition(":")
-        key, equals, value = setting.partition("=")
-        attack, key = attack.strip(), key.strip()
-        if not (colon and equals and key.isidentifier()):
-            raise ConfigError(f"{name}: {entry!r} is not NAME:key=value")
-        if attack not in attacks:
-            raise ConfigError(f"{name}: {entry!r}: attack {attack!r} is not evaluated (attacks: "
-                              f"{', '.join(attacks)})")
-        if key in CELL_KEYWORDS:
-            raise ConfigError(f"{name}: {entry!r}: {key} is set for every attack by {names[key]}")
-        options.setdefault(attack, {})[key] = _option_value(value.strip())
-    model = SimpleNamespace(num_classes=1)  # constructors read no more of it (PGD: the class count)
-    for attack, kwargs in options.items():
-        try:
-            build_attack(attack, model, eps=0, steps=1, **kwargs)
-        except AttackConfigError as e:
-            raise ConfigError(f"{name}: {attack}: {e}") from None
-    return options
-
 
 def chance_level(q_pids, g_pids, q_camids, g_camids, draws=5, seed=0):
     """mAP / Rank-1 (%) of random features on this query/gallery split: what 'no skill' scores."""
@@ -469,17 +357,6 @@ class RobustEvaluator:
         }
 
 
-def check_robust_config(cfg):
-    """:func:`check_attack_settings` on ``cfg.TEST.ROBUST`` (run before training starts)."""
-    robust = cfg.TEST.ROBUST
-    check_attack_settings(list(robust.ATTACKS), list(robust.EPS), list(robust.STEPS),
-                          robust.DISTANCE, robust.EOT_SAMPLES, ROBUST_CONFIG_NAMES)
-    if robust.MAX_QUERIES < 0 or robust.PERIOD < 0:
-        raise ConfigError("TEST.ROBUST.MAX_QUERIES and TEST.ROBUST.PERIOD must be >= 0")
-    check_guides(robust.GUIDES, ROBUST_CONFIG_NAMES["guides"])
-    parse_attack_options(robust.ATTACK_OPTIONS, list(robust.ATTACKS), ROBUST_CONFIG_NAMES)
-
-
 def robust_test(cfg, model, progress=False):
     """``cfg.TEST.ROBUST`` evaluation of every test dataset, as flat floats per dataset.
 
@@ -510,250 +387,3 @@ def flat_metrics(result):
         flat[f"{cell['key']}/mAP_id_mean"] = cell["per_identity_mAP"]["mean"]
         flat[f"{cell['key']}/mAP_id_std"] = cell["per_identity_mAP"]["std"]
     return flat
-
-
-# --------------------------------------------------------------------------- sanity checks
-
-@dataclass
-class SanityCheck:
-    name: str
-    passed: bool
-    detail: str
-
-    def line(self):
-        return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {self.detail}"
-
-
-def _same_numbers(a, b):
-    return (all(a[m] == b[m] for m in METRICS)
-            and a["per_identity_mAP"]["values"] == b["per_identity_mAP"]["values"])
-
-
-def _non_increasing(points, tolerance):
-    """Violations ``(x_prev, x, mAP_prev, mAP)`` of "mAP does not increase along x"."""
-    return [(x0, x1, m0, m1) for (x0, m0), (x1, m1) in zip(points, points[1:]) if m1 > m0 + tolerance]
-
-
-def sanity_checks(evaluator, result, tolerance=MONOTONE_TOLERANCE, large_eps=LARGE_EPS):
-    """Checks that the attacks and the evaluation behave; extra cells are run as needed.
-
-    Returns ``(checks, extra_cells)``. ``result`` is ``evaluator.run(cells)`` (the grid).
-    """
-    clean, grid = result["clean"], result["cells"]
-    attacks = list(dict.fromkeys(c["attack"] for c in grid))
-    eps_values = sorted({c["eps"] for c in grid if c["eps"] > 0})
-    max_steps = max(c["steps"] for c in grid)
-    extra, checks = [], []
-
-    def run(cell, purpose, **attack_kwargs):
-        cell_result = dict(evaluator.evaluate_cell(cell, **attack_kwargs), purpose=purpose)
-        extra.append(cell_result)
-        return cell_result
-
-    zero = [run(AttackCell(a, 0.0, 1), "eps 0") for a in attacks]
-    bad = [c["label"] for c in zero if not _same_numbers(c, clean)]
-    checks.append(SanityCheck("eps 0 reproduces clean", not bad,
-                              f"differs: {bad}" if bad else f"{len(zero)} attacks, identical metrics"))
-
-    if len({c["steps"] for c in grid}) == 1 and max_steps >= 2 and eps_values:
-        for a in attacks:
-            run(AttackCell(a, eps_values[-1], max_steps // 2), "steps monotonicity")
-    cells = grid + extra
-    violations = []
-    for a in attacks:
-        for s in sorted({c["steps"] for c in cells if c["attack"] == a}):
-            points = [(0.0, clean["mAP"])] + sorted(
-                (c["eps"], c["mAP"]) for c in cells if c["attack"] == a and c["steps"] == s
-                and c["eps"] > 0)
-            violations += [f"{a}-{s}: eps {x0:g}->{x1:g} mAP {m0:.2f}->{m1:.2f}"
-                           for x0, x1, m0, m1 in _non_increasing(points, tolerance)]
-        for e in eps_values:
-            points = sorted((c["steps"], c["mAP"]) for c in cells if c["attack"] == a
-                            and c["eps"] == e)
-            violations += [f"{a} {e:g}/255: steps {x0}->{x1} mAP {m0:.2f}->{m1:.2f}"
-                           for x0, x1, m0, m1 in _non_increasing(points, tolerance)]
-    checks.append(SanityCheck(f"mAP non-increasing in eps and steps (tolerance {tolerance})",
-                              not violations, "; ".join(violations) or "no violation"))
-
-    weaker = []
-    for e in eps_values:
-        noise = evaluator.evaluate_attack(UniformNoise(e), AttackCell("NOISE", e, 1))
-        extra.append(dict(noise, purpose="random noise baseline"))
-        weaker += [f"{c['label']} {c['mAP']:.2f} >= noise {noise['mAP']:.2f}"
-                   for c in grid if c["eps"] == e and c["mAP"] >= noise["mAP"]]
-    checks.append(SanityCheck("every attack beats uniform noise of its budget", not weaker,
-                              "; ".join(weaker) or f"eps {[format_eps(e) for e in eps_values]}"))
-
-    chance = result["chance"]["mAP"]
-    limit = chance + NEAR_CHANCE_FRACTION * max(clean["mAP"] - chance, 0.0)
-    # Steps of 2.5 eps / steps (Madry et al.) so that the iterations can reach the whole ball; the
-    # attacks' own 1/255 default would cap the change at steps/255.
-    large_step = max(1.0, 2.5 * large_eps / max_steps)
-    large = [run(AttackCell(a, large_eps, max_steps), "large eps", step_size=large_step)
-             for a in attacks]
-    far = [f"{c['label']} mAP {c['mAP']:.2f}" for c in large if c["mAP"] > limit]
-    checks.append(SanityCheck(
-        f"eps {format_eps(large_eps)}/255 drives mAP near chance ({chance:.2f}, limit {limit:.2f})",
-        not far, "; ".join(far) or ", ".join(f"{c['attack']} {c['mAP']:.2f}" for c in large)))
-
-    over = [f"{c['label']} {c['max_linf_255']:.4f}/255" for c in grid + extra if not c["within_budget"]]
-    checks.append(SanityCheck("every adversarial image within its budget and [0, 1]", not over,
-                              "; ".join(over) or f"{len(grid) + len(extra)} cells checked per batch"))
-
-    again = evaluator.evaluate_cell(AttackCell(grid[0]["attack"], grid[0]["eps"], grid[0]["steps"]))
-    same = _same_numbers(again, grid[0])
-    checks.append(SanityCheck("deterministic (first cell run twice)", same,
-                              f"{grid[0]['label']} mAP {grid[0]['mAP']:.4f} vs {again['mAP']:.4f}"))
-    return checks, extra
-
-
-# --------------------------------------------------------------------------- reports
-
-def environment():
-    """Versions and device that produced the numbers."""
-    def version(package):
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "fastreid": version("fastreid"), "robustreid": version("robustreid"),
-            "faiss": version("faiss-cpu") or version("faiss-gpu"),
-            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-            "host": platform.node()}
-
-
-def build_report(settings, datasets, seconds_total):
-    """The report :func:`write_report` and :func:`robust_markdown` read: settings (needs "model" and
-    "distance"), environment, timing and each dataset's :meth:`RobustEvaluator.run` result."""
-    return {"settings": settings, "environment": environment(), "seconds_total": seconds_total,
-            "datasets": datasets}
-
-
-def _pair(result):
-    return f"{result['mAP']:.1f}/{result['Rank-1']:.1f}"
-
-
-def _column(cell):
-    """A cell's column header; EOT attacks say so ("FNA 8/255-16 EOT 10")."""
-    eot = cell.get("eot_samples", 1)
-    return cell["label"] + (f" EOT {eot}" if eot > 1 else "")
-
-
-def papers_table(reports):
-    """The papers' layout: one row per model x dataset, "mAP/Rank-1" cells, one column per cell."""
-    rows = [(r["settings"].get("model", "model"), d) for r in reports for d in r["datasets"]]
-    labels = list(dict.fromkeys(_column(c) for _, d in rows for c in d["cells"]))
-    lines = ["| Model | Dataset | Clean | " + " | ".join(labels) + " |",
-             "|---|---|---|" + "---|" * len(labels)]
-    for model, d in rows:
-        by_label = {_column(c): c for c in d["cells"]}
-        cells = [_pair(by_label[label]) if label in by_label else "" for label in labels]
-        lines.append(f"| {model} | {d['dataset']} | {_pair(d['clean'])} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def robust_markdown(report):
-    """Papers' layout (rows = model x dataset, "mAP/Rank-1" cells) plus a table of every metric."""
-    datasets = report["datasets"]
-    attacked = datasets[0]["attacked"] if datasets else "query"
-    protocol = ("queries attacked, gallery clean" if attacked == "query"
-                else "gallery attacked (AMA protocol), queries clean")
-    surrogate = report["settings"].get("surrogate_config")
-    if surrogate:
-        protocol += f"; transfer (black-box) attacks crafted on {os.path.basename(surrogate)}"
-    guided = dict.fromkeys(f"{c['attack']} {c['guides']}" for d in datasets for c in d["cells"]
-                           if c.get("guides"))
-    if guided:
-        protocol += "; guide sets: " + ", ".join(guided)
-    lines = [f"mAP/Rank-1 (%); {protocol}; attack distance {report['settings'].get('distance')}, "
-             f"retrieval metric {datasets[0]['metric'] if datasets else '?'}.", ""]
-    lines += papers_table([report])
-
-    lines += ["", "| Dataset | Setting | Rank-1 | Rank-5 | Rank-10 | mAP | mINP | "
-              "per-ID mAP mean ± std | max L-inf (/255) | max budget used | attack s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for d in datasets:
-        for name, r in [("Clean", d["clean"])] + [(c["label"], c) for c in d["cells"]]:
-            per_id = r["per_identity_mAP"]
-            linf = f"{r['max_linf_255']:.3f}" if "max_linf_255" in r else "0"
-            # in the attack's own budget unit: L-inf /255, or WMA's transport cost per unit mass
-            used = (f"{r['max_budget_used']:.4g}{eps_unit(r['attack'])} of "
-                    f"{format_eps(r['eps'])}{eps_unit(r['attack'])}" if "max_budget_used" in r else "")
-            seconds = f"{r['seconds']['attack']:.1f}" if "seconds" in r else ""
-            lines.append(f"| {d['dataset']} | {name} | " + " | ".join(f"{r[m]:.1f}" for m in METRICS)
-                         + f" | {per_id['mean']:.1f} ± {per_id['std']:.1f} | {linf} | {used} | "
-                         f"{seconds} |")
-        lines.append(f"| {d['dataset']} | chance | {d['chance']['Rank-1']:.1f} | | | "
-                     f"{d['chance']['mAP']:.1f} | | | | | |")
-    return "\n".join(lines) + "\n"
-
-
-def _figure_axes(num):
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, max(num, 1), figsize=(6 * max(num, 1), 4.5), squeeze=False)
-    return plt, fig, axes[0]
-
-
-def plot_map_vs_eps(report, path):
-    """mAP against the budget per attack (and iteration count); eps 0 is the clean model."""
-    plt, fig, axes = _figure_axes(len(report["datasets"]))
-    for ax, d in zip(axes, report["datasets"]):
-        for attack, steps in dict.fromkeys((c["attack"], c["steps"]) for c in d["cells"]):
-            points = sorted((c["eps"], c["mAP"]) for c in d["cells"]
-                            if c["attack"] == attack and c["steps"] == steps)
-            xs, ys = zip(*([(0.0, d["clean"]["mAP"])] + points))
-            ax.plot(xs, ys, marker="o", label=f"{attack} ({steps} steps)")
-        ax.axhline(d["chance"]["mAP"], color="grey", linestyle=":", label="chance")
-        ax.set(title=d["dataset"], xlabel="eps (/255)", ylabel="mAP (%)", ylim=(0, 100))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def largest_budget_cells(cells):
-    """Per attack, the cell with the largest eps (most steps among those)."""
-    best = {}
-    for c in cells:
-        if c["attack"] not in best or (c["eps"], c["steps"]) > (best[c["attack"]]["eps"],
-                                                                best[c["attack"]]["steps"]):
-            best[c["attack"]] = c
-    return list(best.values())
-
-
-def plot_per_identity_map(report, path):
-    """Histogram of per-identity mAP, clean and each attack at its largest budget (Fig. 8 style)."""
-    plt, fig, axes = _figure_axes(len(report["datasets"]))
-    bins = np.linspace(0, 100, 21)
-    for ax, d in zip(axes, report["datasets"]):
-        for label, r in [("Clean", d["clean"])] + [(c["label"], c) for c in
-                                                    largest_budget_cells(d["cells"])]:
-            per_id = r["per_identity_mAP"]
-            ax.hist(list(per_id["values"].values()), bins=bins, histtype="step", linewidth=1.5,
-                    label=f"{label} (mean {per_id['mean']:.1f}, std {per_id['std']:.1f})")
-        ax.set(title=f"{d['dataset']}: per-identity mAP", xlabel="mAP (%)",
-               ylabel="identities")
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_report(report, output_dir):
-    """results.json, results.md, mAP_vs_eps.png and per_identity_map.png in ``output_dir``."""
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {name: os.path.join(output_dir, name) for name in
-             ("results.json", "results.md", "mAP_vs_eps.png", "per_identity_map.png")}
-    with open(paths["results.json"], "w") as f:
-        json.dump(report, f, indent=1)
-    with open(paths["results.md"], "w") as f:
-        f.write(robust_markdown(report))
-    plot_map_vs_eps(report, paths["mAP_vs_eps.png"])
-    plot_per_identity_map(report, paths["per_identity_map.png"])
-    return paths

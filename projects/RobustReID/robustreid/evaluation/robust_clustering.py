@@ -38,7 +38,8 @@ from ..data.validation import build_dataset
 from ..modeling.meta_arch.ensemble import EnsembleEmbedding, EnsembleReID
 from ..parallel import unwrap
 from .clustering_evaluator import clustering_inference, score_clustering
-from .robust import BudgetViolation, format_eps, select_queries
+from .attack_grid import format_eps
+from .robust import BudgetViolation, select_queries
 
 logger = logging.getLogger(__name__)
 

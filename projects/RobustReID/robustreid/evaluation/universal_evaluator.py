@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 
 from ..attacks.universal import UniversalPerturbation
 from ..data.validation import build_dataset
-from .robust import RobustEvaluator, format_eps
+from .attack_grid import format_eps
+from .robust import RobustEvaluator
 
 ATTACK = "UAP"
 

@@ -1,0 +1,11 @@
+"""Matplotlib set-up shared by the evaluation reports: files only, no display."""
+
+
+def figure_axes(num):
+    """(pyplot, figure, axes) with ``num`` side-by-side panels."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(num, 1), figsize=(6 * max(num, 1), 4.5), squeeze=False)
+    return plt, fig, axes[0]
