@@ -460,10 +460,10 @@ def test_pgd_equals_advertorch_linf_pgd(fastreid_model, rand_init):
 def test_surrogate_extractor_loads_config_and_weights(fastreid_model, tmp_path):
     import os
 
-    from robustreid.engine import RobustCheckpointer
+    from robustreid.engine import RobustCheckpointer, build_surrogate_extractor
 
     RobustCheckpointer(fastreid_model, save_dir=str(tmp_path)).save("surrogate")
-    surrogate = attacks.build_surrogate_extractor(
+    surrogate = build_surrogate_extractor(
         os.path.join(REPO, "configs/SynthReID/bagtricks_R18.yml"), str(tmp_path / "surrogate.pth"),
         opts=["MODEL.HEADS.NUM_CLASSES", "10"])
     x = torch.rand(2, 3, 64, 32)

@@ -23,7 +23,7 @@ def models(trained_tiny):
 
 
 def surrogate_of(trained):
-    from robustreid.attacks import build_surrogate_extractor
+    from robustreid.engine import build_surrogate_extractor
 
     cfg, _, weights, _ = trained
     return build_surrogate_extractor(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), weights)

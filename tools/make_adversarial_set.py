@@ -28,7 +28,8 @@ from robustreid.attacks import AttackConfigError, ReidFeatureExtractor, build_at
 from robustreid.checksums import sha256_of
 from robustreid.cli import OneLineParser, run_tool
 from robustreid.config import ConfigError, load_config
-from robustreid.data.adversarial_set import AdversarialSetWriter, clean_transform, make_crafter
+from robustreid.data.adversarial_set import AdversarialSetWriter, clean_transform
+from robustreid.engine.offline_crafting import make_crafter
 from robustreid.data.balancing import BALANCED_NAME, BalancedSetError
 from robustreid.data.validation import build_dataset
 from robustreid.engine import (USER_ERRORS, RobustTrainer, check_weights, check_weights_fit,

@@ -78,11 +78,11 @@ from fastreid.utils import comm
 from robustreid import rendezvous
 from robustreid.checksums import sha256_of
 from robustreid.cli import OneLineParser, add_launch_arguments, report_misplaced_flags
-from robustreid.attacks import (AttackConfigError, build_defense, build_surrogate_extractor,
-                                eps_from_255, eps_unit)
+from robustreid.attacks import AttackConfigError, build_defense, eps_from_255, eps_unit
 from robustreid.config import ConfigError, load_config
-from robustreid.engine import (USER_ERRORS, RobustTrainer, check_output_dir, check_weights,
-                               check_weights_fit, launch, preflight, setup)
+from robustreid.engine import (USER_ERRORS, RobustTrainer, build_surrogate_extractor,
+                               check_output_dir, check_weights, check_weights_fit, launch, preflight,
+                               setup)
 from robustreid.engine.eat import default_step_size
 from robustreid.data.corruptions import CORRUPTIONS, SEVERITIES
 from robustreid.evaluation.clustering_evaluator import check_clustering_config

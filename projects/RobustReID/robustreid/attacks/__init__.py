@@ -11,7 +11,8 @@ Images are in [0, 1]; budgets and step sizes in 1/255 units (``eps=8`` is 8/255,
 Registered attacks: FNA, FNA_PULL, SMA, IFGSM, FGSM, MIFGSM, NIFGSM, SINIFGSM (metric, see
 :mod:`.metric`), PGD (classification, :mod:`.classification`) and WMA (Wasserstein ball, budget in
 transport cost per unit of image mass, not 1/255: :mod:`.wasserstein`); :func:`EOTAttack` averages
-gradients over random forwards; :mod:`.transfer` crafts on a surrogate model.
+gradients over random forwards. Transfer attacks craft on a surrogate model
+(``robustreid.engine.build_surrogate_extractor``: the engine builds trained models).
 """
 from . import classification, metric, wasserstein  # noqa: F401  (registration side effects)
 from .base import ReidAttack
@@ -21,7 +22,6 @@ from .feature_extractor import ReidFeatureExtractor
 from .guides import GuideSet, SameIdGuides
 from .losses import DISTANCES
 from .registry import ATTACK_REGISTRY, build_attack, eps_unit, registered_attacks
-from .transfer import build_surrogate_extractor
 from .validation import AttackConfigError, eps_from_255
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "build_attack",
     "eps_unit",
     "build_defense",
-    "build_surrogate_extractor",
     "eps_from_255",
     "registered_attacks",
 ]

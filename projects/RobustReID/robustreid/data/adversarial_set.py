@@ -20,9 +20,9 @@ file is within eps/255 in L-inf of the resized clean image.
 
 Guides: batches are whole identities (:func:`identity_batches`), so every image is attacked with all
 other images of its identity as same-ID guides and other identities as negatives, the guide set the
-online Metric AT step uses (engine/train_steps.MetricAdversarialBatch, reused here). Batches depend
-only on the training list and the batch size, and each batch's random start is seeded, so a copy does
-not depend on which run made it.
+online Metric AT step uses (engine/train_steps.MetricAdversarialBatch, which the crafter in
+engine/offline_crafting.py reuses). Batches depend only on the training list and the batch size, and
+each batch's random start is seeded, so a copy does not depend on which run made it.
 
 Resumable: files are written to a temporary name and renamed; the manifest is rewritten atomically
 after each batch and lists only finished files; a rerun checks the settings and the checkpoint's
@@ -45,7 +45,7 @@ from .balancing.manifest import (MANIFEST_FILE, MANIFEST_FORMAT, TRAIN_DIR,
 from .validation import DatasetError
 
 __all__ = ["TOOL", "identity_batches", "clean_transform", "load_clean_batch", "quantise_within_budget",
-           "make_crafter", "AdversarialSetWriter"]
+           "AdversarialSetWriter"]
 
 TOOL = "tools/make_adversarial_set.py"
 TRANSFORM = "fastreid test transform at INPUT.SIZE_TRAIN (bicubic resize, no augmentation)"
@@ -107,22 +107,6 @@ def quantise_within_budget(adv255: torch.Tensor, clean255: torch.Tensor, eps: fl
     levels = math.floor(float(eps) + 1e-6)
     low, high = clean255 - levels, clean255 + levels
     return torch.maximum(torch.minimum(adv255.round(), high), low).clamp(0, 255).to(torch.uint8)
-
-
-def make_crafter(model, attack: str, eps: float, steps: int, step_size: float, distance: str,
-                 device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``craft(images255, pids) -> uint8 adversarial images``: Metric AT's batch phase (the batch is
-    its own guide set) with the model frozen in eval mode, quantised by :func:`quantise_within_budget`."""
-    from ..engine.train_steps import MetricAdversarialBatch
-
-    phase = MetricAdversarialBatch(attack, eps, steps, step_size, distance, include_clean=False)
-
-    def craft(images255, pids):
-        images255, pids = images255.to(device), pids.to(device)
-        adv = phase(model, {"images": images255, "targets": pids})
-        return quantise_within_budget(adv["images"].detach(), images255, eps).cpu()
-
-    return craft
 
 
 def _save_png(image_chw: np.ndarray, path: str) -> None:

@@ -130,7 +130,7 @@ class RobustEvaluator:
     other side; ``run(cells)`` does both for a whole grid and adds the chance level.
 
     ``surrogate`` (a ReidFeatureExtractor of another model, see
-    ``robustreid.attacks.build_surrogate_extractor``) makes every attack a transfer (black-box)
+    ``robustreid.engine.build_surrogate_extractor``) makes every attack a transfer (black-box)
     attack: crafted on the surrogate, with the surrogate's clean features as the guide set, and
     evaluated on this model. ``attack_options`` maps attack names to keyword options of that attack
     (:func:`parse_attack_options`). ``guides`` ("", "gallery" or "query") picks the guide split of

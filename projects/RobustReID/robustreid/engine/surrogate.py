@@ -1,5 +1,7 @@
 """Transfer (black-box) attacks: craft on a surrogate model, evaluate on the target.
 
+The surrogate is built by the engine (a trained fastreid model); the attacks only see its extractor.
+
 The pattern::
 
     surrogate = build_surrogate_extractor("configs/X.yml", "surrogate.pth")
@@ -9,15 +11,13 @@ The pattern::
     adv01 = attack.perturb(queries01, pids, guides, sample_index)
     target_features = ReidFeatureExtractor(target_model)(adv01)   # then rank against the gallery
 """
+from ..attacks import ReidFeatureExtractor
 from ..config import load_config
-from .feature_extractor import ReidFeatureExtractor
+from .defaults import RobustTrainer, resolve_device
 
 
 def build_surrogate_extractor(config_file, weights, opts=(), defense=None):
     """A :class:`ReidFeatureExtractor` on the fastreid model of ``config_file`` (+ KEY VALUE
     ``opts``) with ``weights`` loaded, on the config's device (cpu when CUDA is absent)."""
-    # Imported here: the engine (adversarial training) imports the attacks package.
-    from ..engine import RobustTrainer, resolve_device
-
     cfg = resolve_device(load_config(config_file, [*opts, "MODEL.WEIGHTS", weights]))
     return ReidFeatureExtractor(RobustTrainer.load_for_eval(cfg), defense=defense)
