@@ -1,5 +1,5 @@
-"""Common corruptions (CIL-ReID protocol): each of imagecorruptions' 19 corruptions on 64x32 and
-smaller images with today's numpy / scikit-image (robustreid.compat), seeding, the evaluator (mAP
+"""Common corruptions (CIL-ReID protocol): each of imagecorruptions' 19 corruptions and CIL-ReID's
+rain on 64x32 and smaller images with today's numpy / scikit-image (robustreid.compat), seeding, the evaluator (mAP
 falls with severity on a trained model), the report and robust_eval --protocol corruptions."""
 import json
 import os
@@ -52,6 +52,31 @@ def test_each_corruption_runs_seeded_on_small_images(name):
     # Below imagecorruptions' 32-pixel minimum: enlarged first, still corrupted
     tiny = corrupt_image(person_image(24, 12), name, 5, seed=7)
     assert min(tiny.size) == 32 and tiny.size[1] > tiny.size[0]
+
+
+def test_rain_is_cil_reids_seeded_rain_on_small_images():
+    from robustreid.data.corruptions import CORRUPTIONS, SEVERITIES, corrupt_image
+
+    assert CORRUPTIONS[-1] == "rain" and len(CORRUPTIONS) == 20  # CIL-ReID's 20
+    image = person_image()
+    pixels = np.asarray(image, float)
+    for severity in (1, 2, 3, 4, 5):
+        out = corrupt_image(image, "rain", severity, seed=7)
+        assert out.size == image.size and out.mode == "RGB"  # 64 high: kept (> 60)
+        assert np.abs(np.asarray(out, float) - pixels).mean() > 0.5
+        assert np.array_equal(np.asarray(corrupt_image(image, "rain", severity, seed=7)), out)
+        assert not np.array_equal(np.asarray(corrupt_image(image, "rain", severity, seed=8)), out)
+    # CIL-ReID enlarges images up to 60 pixels high to 65 (aspect kept) before drawing drops
+    assert corrupt_image(person_image(40, 20), "rain", 3, seed=0).size == (32, 65)
+    # On a flat grey image the pixels no drop touched are darkened by -(0.05 + 0.05 severity) of
+    # 255; the drops (bright) cover more of the image as the rain gets heavier
+    grey = Image.new("RGB", (64, 128), (128, 128, 128))
+    covered = []
+    for severity in SEVERITIES:
+        out = np.asarray(corrupt_image(grey, "rain", severity, seed=0), float)
+        assert out.min() == pytest.approx(128 - 255 * (0.05 + 0.05 * severity), abs=1), severity
+        covered.append((out > out.min()).mean())
+    assert covered == sorted(covered) and covered[-1] > 0.9, covered
 
 
 @pytest.mark.parametrize("name", sorted(UPSTREAM_FAILURES))
@@ -194,7 +219,7 @@ def test_cli_corruption_protocol_writes_the_cil_report(model, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--protocol", "corruptions", "--severity", "0-6"], "--severity"),
-    (["--protocol", "corruptions", "--corruptions", "rain"], "rain"),
+    (["--protocol", "corruptions", "--corruptions", "hail"], "hail"),
     (["--protocol", "corruptions", "--eps", "8"], "--eps"),
     (["--protocol", "corruptions", "--attack-gallery"], "--attack-gallery"),
     (["--severity", "3"], "--severity applies to --protocol corruptions only"),

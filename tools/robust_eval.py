@@ -45,7 +45,7 @@ the query/gallery protocol (--attack-gallery, --guides, --eot, --defense, --bpda
 
 --protocol corruptions is CIL-ReID's common-corruption benchmark on the fly
 (robustreid/data/corruptions.py, robustreid/evaluation/corruption_evaluator.py): every
---corruptions (all = imagecorruptions' 19, or NAME,...) at every --severity (1-5, or e.g. 1,3,5)
+--corruptions (all = CIL-ReID's 20, or NAME,...) at every --severity (1-5, or e.g. 1,3,5)
 corrupts the query and gallery images (--corrupt both, CIL-ReID's "corrupted eval"; query or
 gallery: one side), seeded by ROBUSTREID.SEED, nothing written to disk; plus CIL-ReID's headline
 cell, a corruption and a severity drawn per image. Writes results.json, results.md (CIL-ReID's

@@ -76,8 +76,8 @@ def corruption_markdown(report):
     datasets, settings = report["datasets"], report["settings"]
     model = settings.get("model", "model")
     side = SIDES[datasets[0]["corrupted"]] if datasets else ""
-    lines = [f"Common corruptions (CIL-ReID protocol, imagecorruptions' {len(settings['corruptions'])}"
-             f" corruptions, severities {', '.join(map(str, settings['severities']))}); {side}; "
+    lines = [f"Common corruptions (CIL-ReID protocol, {len(settings['corruptions'])} corruptions, "
+             f"severities {', '.join(map(str, settings['severities']))}); {side}; "
              f"seed {settings.get('seed')}; retrieval metric "
              f"{datasets[0]['metric'] if datasets else '?'}. Corruption eval.: a corruption and a "
              "severity drawn per image, as CIL-ReID's leaderboard.", "",
