@@ -53,7 +53,7 @@ from robustreid.cli import OneLineParser
 from robustreid.config import load_config
 from robustreid.engine import USER_ERRORS, preflight
 from robustreid.evaluation.intervals import INTERVALS, mean_std, paired_interval
-from robustreid.evaluation.plots import figure_axes
+from robustreid.evaluation.plots import figure_axes, save_figure
 from run_state import final_weights, resume_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -547,9 +547,7 @@ def plot(summary, path):
         ax.set(ylabel=f"{measure} (%)", ylim=(0, 100), title=f"{measure}: mean ± std over seeds")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def write_results(results, output):

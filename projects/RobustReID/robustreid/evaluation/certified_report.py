@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from .plots import figure_axes
+from .plots import figure_axes, save_figure
 from .robust_report import environment
 
 # Radii of the table: Cohen et al.'s columns (L2, [0, 1] pixel units).
@@ -88,9 +88,7 @@ def plot_certified_curves(report, path):
            ylabel=f"{METRIC_NAMES[report['settings']['decision']]} (%)", ylim=(0, 100))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def write_report(report, output_dir):

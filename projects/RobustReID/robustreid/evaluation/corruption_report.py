@@ -14,7 +14,7 @@
 import numpy as np
 
 from .protocol_reports import write_report_files
-from .plots import figure_axes
+from .plots import figure_axes, save_figure
 
 MEASURES = ("mINP", "mAP", "Rank-1")
 
@@ -127,9 +127,7 @@ def plot_corruption_heatmap(report, path):
         ax.set(title=f"{d['dataset']}: mAP (%) (clean {d['clean']['mAP']:.1f})",
                ylabel="severity")
         fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def write_corruption_report(report, output_dir):

@@ -9,3 +9,10 @@ def figure_axes(num):
 
     fig, axes = plt.subplots(1, max(num, 1), figsize=(6 * max(num, 1), 4.5), squeeze=False)
     return plt, fig, axes[0]
+
+
+def save_figure(plt, fig, path):
+    """Lay out, write (PNG, 120 dpi) and close ``fig``: figures are not kept open between reports."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -10,7 +10,7 @@ import torch
 
 from ..attacks import eps_unit
 from .attack_grid import METRICS, format_eps
-from .plots import figure_axes
+from .plots import figure_axes, save_figure
 
 def environment():
     """Versions and device that produced the numbers."""
@@ -106,9 +106,7 @@ def plot_map_vs_eps(report, path):
         ax.set(title=d["dataset"], xlabel="eps (/255)", ylabel="mAP (%)", ylim=(0, 100))
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def largest_budget_cells(cells):
@@ -134,9 +132,7 @@ def plot_per_identity_map(report, path):
         ax.set(title=f"{d['dataset']}: per-identity mAP", xlabel="mAP (%)",
                ylabel="identities")
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def write_report(report, output_dir):
