@@ -3,8 +3,11 @@
 The attacker sees what a deployed system returns for a query image, through a :class:`BlackBox`
 (no autograd, query counter, budget): its distances to the gallery (:meth:`RetrievalSystem.scores`,
 for the score-based attack) or its top-k gallery list (:meth:`RetrievalSystem.top_k`, for the
-decision-based one). As for the white-box attacks, the ground-truth identities define the goal: a
-query is matched while a gallery image of its identity (any camera) is among its top k.
+decision-based one). As for the white-box attacks, the ground-truth identities define the goal, and
+the evaluation's rules define what counts: a query is matched while a gallery image of its identity
+from another camera is among its top k. Same-identity images from the query's own camera are
+"junk" (Market-1501's rule: the evaluation drops them from the ranking), so the attack neither
+pushes them away nor counts them, when the cameras are known (``camids``).
 
 * :class:`NESAttack`, score-based: NES gradient estimates (Ilyas et al. 2018; antithetic
   :func:`rge`) of a margin read off the distances, mean distance to the query's same-ID gallery
@@ -36,13 +39,15 @@ __all__ = ["HSJAttack", "NESAttack", "PerImageQueries", "QUERY_ATTACKS", "Retrie
 
 class RetrievalSystem:
     """What the attacker queries: ``features`` (x01 -> (B, D) features) ranked against a fixed
-    gallery (``gallery_features`` (G, D), ``gallery_pids`` (G,)) with ``metric`` (euclidean or
-    cosine). The attacker reads the outputs only; the identities define its goal."""
+    gallery (``gallery_features`` (G, D), ``gallery_pids`` (G,), ``gallery_camids`` (G,) or None)
+    with ``metric`` (euclidean or cosine). The attacker reads the outputs only; the identities and
+    cameras define its goal."""
 
-    def __init__(self, features, gallery_features, gallery_pids, metric):
+    def __init__(self, features, gallery_features, gallery_pids, metric, gallery_camids=None):
         self._features = features
         self._gallery = torch.as_tensor(gallery_features).float()
         self.gallery_pids = torch.as_tensor(gallery_pids)
+        self.gallery_camids = None if gallery_camids is None else torch.as_tensor(gallery_camids)
         self.metric = metric
 
     def scores(self, x01):
@@ -54,9 +59,15 @@ class RetrievalSystem:
         """x01 -> (B, k) gallery indices of the k nearest (the returned ranked list)."""
         return lambda x01: self.scores(x01).topk(min(k, len(self._gallery)), largest=False).indices
 
-    def same_id(self, pids):
-        """(B, G) bool: gallery images of each query's identity."""
-        return torch.as_tensor(pids).view(-1, 1).cpu() == self.gallery_pids.view(1, -1)
+    def match_masks(self, pids, camids=None):
+        """(positives, junk), each (B, G) bool: the gallery images of each query's identity that the
+        evaluation counts, and those it drops (same identity and camera; none when the cameras of
+        the queries or of the gallery are unknown)."""
+        same_id = torch.as_tensor(pids).view(-1, 1).cpu() == self.gallery_pids.view(1, -1)
+        if camids is None or self.gallery_camids is None:
+            return same_id, torch.zeros_like(same_id)
+        same_camera = torch.as_tensor(camids).view(-1, 1).cpu() == self.gallery_camids.view(1, -1)
+        return same_id & ~same_camera, same_id & same_camera
 
 
 class PerImageQueries:
@@ -113,16 +124,16 @@ class QueryAttack:
         return F.interpolate(z, scale_factor=self.tile, mode="nearest")[..., :x.shape[2],
                                                                           :x.shape[3]]
 
-    def perturb(self, x01, pids, guides=None, sample_index=None):
+    def perturb(self, x01, pids, guides=None, sample_index=None, camids=None):
         """Adversarial images for ``x01`` (B, 3, H, W) in [0, 1] with ``|adv - x01|_inf <= eps``;
-        ``pids`` (B,) the queries' identities; ``guides`` and ``sample_index`` are not used (the
+        ``pids`` (B,) the queries' identities, ``camids`` (B,) their cameras (None: every
+        same-identity gallery image counts); ``guides`` and ``sample_index`` are not used (the
         attacker knows the retrieval output only)."""
         x = x01.detach()
         if self._eps01 == 0.0:
             self._used.append(torch.zeros(len(x), dtype=torch.long))
             return x.clone()
-        same_id = self.system.same_id(pids)
-        adv, used = self._attack(x, same_id)
+        adv, used = self._attack(x, *self.system.match_masks(pids, camids))
         self._used.append(used)
         delta = (adv - x).clamp(-self._eps01, self._eps01)
         return (x + delta).clamp(0.0, 1.0).detach()
@@ -145,22 +156,24 @@ class NESAttack(QueryAttack):
         self.step_size = float(step_size) if step_size is not None else self.eps / 4
         self.iterations = self.queries // (2 * self.samples)
 
-    def margin(self, distances, same_id):
-        """Mean distance to the same-ID gallery images minus mean distance to the nearest
-        other-ID ones (B,): the larger, the further the true matches fall down the list."""
-        positive = (distances * same_id).sum(1) / same_id.sum(1).clamp_min(1)
-        others = distances.masked_fill(same_id, float("inf"))
+    def margin(self, distances, positives, junk=None):
+        """Mean distance to the ``positives`` (B, G) minus mean distance to the nearest other-ID
+        gallery images (B,): the larger, the further the true matches fall down the list. ``junk``
+        (B, G): same-ID images the evaluation drops, in neither term."""
+        positive = (distances * positives).sum(1) / positives.sum(1).clamp_min(1)
+        others = distances.masked_fill(positives if junk is None else positives | junk,
+                                       float("inf"))
         nearest = others.topk(min(self.negatives, others.shape[1]), largest=False).values
         return positive - nearest.masked_fill(nearest.isinf(), 0).mean(1)
 
-    def _attack(self, x, same_id):
+    def _attack(self, x, positives, junk):
         box = PerImageQueries(self.system.scores, len(x), self.queries)
         rows = torch.arange(len(x))
         z = torch.zeros(self._tiles(x), dtype=x.dtype, device=x.device)
         dim = z[0].numel()
 
         def objective(points):  # one query per row
-            return self.margin(box(self._image(x, points), rows), same_id).to(x.device)
+            return self.margin(box(self._image(x, points), rows), positives, junk).to(x.device)
 
         xi = self.sigma / 255.0 * math.sqrt(dim)  # probes of L2 radius xi: sigma per coordinate
         step, eps = self.step_size / 255.0, self._eps01
@@ -174,7 +187,8 @@ class NESAttack(QueryAttack):
 
 
 class HSJAttack(QueryAttack):
-    """Decision-based: HopSkipJump (L-inf) on "no same-ID gallery image in the top ``k``".
+    """Decision-based: HopSkipJump (L-inf) on "no positive in the top ``k``" (junk images left
+    out of the list, which is read that much longer).
 
     ``samples`` boundary probes per estimate (one query each), ``bisection`` steps per boundary
     search, ``step_search`` the most halvings of the geometric step search, ``starts`` random
@@ -190,12 +204,16 @@ class HSJAttack(QueryAttack):
         self.step_search = positive_int(step_search, "step_search")
         self.starts = positive_int(starts, "starts")
 
-    def _attack(self, x, same_id):
-        box = PerImageQueries(self.system.top_k(self.k), len(x), self.queries)
+    def _attack(self, x, positives, junk):
+        # the returned list is long enough to hold the top k once the junk is taken out
+        box = PerImageQueries(self.system.top_k(self.k + int(junk.sum(1).max())), len(x),
+                              self.queries)
 
-        def adversarial(images, rows):  # one query per row: no same-ID image in the top k
+        def adversarial(images, rows):  # one query per row: no positive in the top k
             top = box(images, rows).cpu()
-            return ~same_id[rows].gather(1, top).any(1)
+            kept = ~junk[rows].gather(1, top)
+            counted = kept & (kept.cumsum(1) <= self.k)
+            return ~(positives[rows].gather(1, top) & counted).any(1)
 
         all_rows = torch.arange(len(x))
         if self.queries < 1 + self.bisection:

@@ -8,7 +8,7 @@ used per image (mean, max) beside its budget.
 """
 from dataclasses import dataclass
 
-from ..attacks.query_based import QUERY_ATTACKS, RetrievalSystem
+from ..attacks.query_based import QUERY_ATTACKS, QueryAttack, RetrievalSystem
 from ..config import ConfigError
 from .attack_grid import format_eps
 from .robust import RobustEvaluator
@@ -62,7 +62,14 @@ class QueryAttackEvaluator(RobustEvaluator):
         """The evaluated model's retrieval, as the attacker may query it."""
         self.evaluate_clean()
         return RetrievalSystem(lambda x01: self._retrieval_features(self.extractor, x01),
-                               self.gallery.features, self.gallery.pids, self.metric)
+                               self.gallery.features, self.gallery.pids, self.metric,
+                               gallery_camids=self.gallery.camids)
+
+    def _perturb(self, attack, x01, batch, guides, rows):
+        if not isinstance(attack, QueryAttack):  # e.g. the uniform-noise baseline
+            return super()._perturb(attack, x01, batch, guides, rows)
+        # the queries' cameras: their same-camera matches are junk to the evaluation (and attack)
+        return attack.perturb(x01, batch["targets"], camids=batch["camids"])
 
     def evaluate_cell(self, cell, **attack_kwargs):
         options = {**self.query_attack_options.get(cell.attack, {}), **attack_kwargs}

@@ -285,8 +285,7 @@ class RobustEvaluator:
             offset = index * size
             x01 = self._x01(batch)
             rows = torch.arange(offset, offset + len(x01), device=self.device) if own_rows else None
-            adv = attack.perturb(x01, batch["targets"].to(self.device), guides=guides,
-                                 sample_index=rows).detach()
+            adv = self._perturb(attack, x01, batch, guides, rows).detach()
             linf = float((adv - x01).abs().max())
             used = attack.budget_used(x01, adv) if hasattr(attack, "budget_used") else linf * 255
             valid = bool(adv.min() >= 0) and bool(adv.max() <= 1)
@@ -298,6 +297,12 @@ class RobustEvaluator:
             with torch.no_grad():
                 feats.append(self._retrieval_features(self.extractor, adv))
         return self._gathered(feats, max_linf, max_used, in_range)
+
+    def _perturb(self, attack, x01, batch, guides, rows):
+        """``attack`` run on one batch of the attacked split (``rows``: its indices in the guide
+        set when the guides hold the attacked split)."""
+        return attack.perturb(x01, batch["targets"].to(self.device), guides=guides,
+                              sample_index=rows)
 
     def _batch_share(self, num_batches):
         """The batches [first, stop) of the attacked split this process attacks: all of them (a
