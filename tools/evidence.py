@@ -54,6 +54,7 @@ from robustreid.config import load_config
 from robustreid.engine import USER_ERRORS, preflight
 from robustreid.evaluation.intervals import INTERVALS, mean_std, paired_interval
 from robustreid.evaluation.plots import figure_axes, save_figure
+from robustreid.evaluation.report_files import write_report_files
 from run_state import final_weights, resume_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -552,15 +553,8 @@ def plot(summary, path):
 
 def write_results(results, output):
     """results.json, results.md and results.png in ``output``; returns their paths."""
-    os.makedirs(output, exist_ok=True)
-    paths = {name: os.path.join(output, name) for name in ("results.json", "results.md",
-                                                           "results.png")}
-    with open(paths["results.json"], "w") as f:
-        json.dump(results, f, indent=1)
-    with open(paths["results.md"], "w") as f:
-        f.write(markdown(results))
-    plot(results["summary"], paths["results.png"])
-    return paths
+    return write_report_files(results, output, markdown,
+                              {"results.png": lambda report, path: plot(report["summary"], path)})
 
 
 def main(argv=None):

@@ -47,6 +47,7 @@ from robustreid.cli import OneLineParser
 from robustreid.config import ConfigError
 from robustreid.engine import USER_ERRORS
 from robustreid.evaluation.corruption_report import normalized_mce
+from robustreid.evaluation.report_files import write_report_files
 
 
 class BoardError(ValueError):
@@ -270,14 +271,7 @@ def write_csv(board, path):
 
 def write_board(board, output):
     """board.json, board.md and board.csv in ``output``; their paths."""
-    os.makedirs(output, exist_ok=True)
-    paths = {name: os.path.join(output, name) for name in ("board.json", "board.md", "board.csv")}
-    with open(paths["board.json"], "w") as f:
-        json.dump(board, f, indent=1)
-    with open(paths["board.md"], "w") as f:
-        f.write(markdown(board))
-    write_csv(board, paths["board.csv"])
-    return paths
+    return write_report_files(board, output, markdown, {"board.csv": write_csv}, stem="board")
 
 
 def main(argv=None):

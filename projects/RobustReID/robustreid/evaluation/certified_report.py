@@ -11,12 +11,10 @@ Files: certified.json (settings, environment, the images, and per sigma a summar
 per image with its radius), certified.md (certified accuracy against radius, one row per sigma, with
 the abstention rate and seconds per image) and certified_curve.png (one line per sigma).
 """
-import json
-import os
-
 import numpy as np
 
 from .plots import figure_axes, save_figure
+from .report_files import write_report_files
 from .robust_report import environment
 
 # Radii of the table: Cohen et al.'s columns (L2, [0, 1] pixel units).
@@ -93,15 +91,8 @@ def plot_certified_curves(report, path):
 
 def write_report(report, output_dir):
     """certified.json, certified.md and certified_curve.png in ``output_dir``."""
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {name: os.path.join(output_dir, name)
-             for name in ("certified.json", "certified.md", "certified_curve.png")}
-    with open(paths["certified.json"], "w") as f:
-        json.dump(report, f, indent=1)
-    with open(paths["certified.md"], "w") as f:
-        f.write(certified_markdown(report))
-    plot_certified_curves(report, paths["certified_curve.png"])
-    return paths
+    return write_report_files(report, output_dir, certified_markdown,
+                              {"certified_curve.png": plot_certified_curves}, stem="certified")
 
 
 def headline(report):

@@ -13,7 +13,7 @@
 
 import numpy as np
 
-from .protocol_reports import write_report_files
+from .report_files import write_report_files
 from .plots import figure_axes, save_figure
 
 MEASURES = ("mINP", "mAP", "Rank-1")

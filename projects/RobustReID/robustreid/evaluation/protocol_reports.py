@@ -1,8 +1,8 @@
 """Reports of robust_eval's query-based and universal-perturbation protocols: the retrieval
 protocol's tables (:func:`robust_markdown`) plus each protocol's own columns."""
-import json
 import os
 
+from .report_files import write_report_files
 from .robust_report import plot_map_vs_eps, robust_markdown
 
 
@@ -37,20 +37,6 @@ def uap_markdown(report):
                          f"{c['fit_final_objective']:.4g} | {c['delta_linf_255']:.3f} | "
                          f"{c['fit_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def write_report_files(report, output_dir, markdown, plots):
-    """results.json, results.md (``markdown(report)``) and one PNG per ``plots`` entry
-    ({file name: plot(report, path)}) in ``output_dir``; their paths."""
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {name: os.path.join(output_dir, name) for name in ("results.json", "results.md", *plots)}
-    with open(paths["results.json"], "w") as f:
-        json.dump(report, f, indent=1)
-    with open(paths["results.md"], "w") as f:
-        f.write(markdown(report))
-    for name, plot in plots.items():
-        plot(report, paths[name])
-    return paths
 
 
 def write_protocol_report(report, output_dir, markdown):

@@ -18,9 +18,7 @@ retrieved as a whole, so no clean template is left to the model.
   :func:`score_clustering`: NMI, F1 and Recall@k in percent.
 * :func:`ers`: an ERS-style summary of each attacked row (see there).
 """
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -39,6 +37,7 @@ from ..modeling.meta_arch.ensemble import EnsembleEmbedding, EnsembleReID
 from ..parallel import unwrap
 from .clustering_evaluator import clustering_inference, score_clustering
 from .attack_grid import format_eps
+from .report_files import write_report_files
 from .robust import BudgetViolation, select_queries
 
 logger = logging.getLogger(__name__)
@@ -282,10 +281,4 @@ def clustering_markdown(report):
 
 def write_clustering_report(report, output_dir):
     """results.json and results.md in ``output_dir``; returns their paths."""
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {name: os.path.join(output_dir, name) for name in ("results.json", "results.md")}
-    with open(paths["results.json"], "w") as f:
-        json.dump(report, f, indent=1)
-    with open(paths["results.md"], "w") as f:
-        f.write(clustering_markdown(report))
-    return paths
+    return write_report_files(report, output_dir, clustering_markdown)

@@ -1,6 +1,5 @@
 """Reports of a robust evaluation: results.json, the papers' table ("mAP/Rank-1" per model x dataset
 x attack cell) with every metric, mAP against eps and per-identity mAP histograms (PNG)."""
-import json
 import os
 import platform
 from importlib import metadata
@@ -11,6 +10,7 @@ import torch
 from ..attacks import eps_unit
 from .attack_grid import METRICS, format_eps
 from .plots import figure_axes, save_figure
+from .report_files import write_report_files
 
 def environment():
     """Versions and device that produced the numbers."""
@@ -137,13 +137,6 @@ def plot_per_identity_map(report, path):
 
 def write_report(report, output_dir):
     """results.json, results.md, mAP_vs_eps.png and per_identity_map.png in ``output_dir``."""
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {name: os.path.join(output_dir, name) for name in
-             ("results.json", "results.md", "mAP_vs_eps.png", "per_identity_map.png")}
-    with open(paths["results.json"], "w") as f:
-        json.dump(report, f, indent=1)
-    with open(paths["results.md"], "w") as f:
-        f.write(robust_markdown(report))
-    plot_map_vs_eps(report, paths["mAP_vs_eps.png"])
-    plot_per_identity_map(report, paths["per_identity_map.png"])
-    return paths
+    return write_report_files(report, output_dir, robust_markdown,
+                              {"mAP_vs_eps.png": plot_map_vs_eps,
+                               "per_identity_map.png": plot_per_identity_map})
