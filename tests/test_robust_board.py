@@ -1,6 +1,7 @@
 """tools/robust_board.py: two tiny models under one protocol file, one leaderboard (markdown, CSV,
 JSON) with clean, white-box, transfer, query-based, UAP and corruption columns; finished cells are
-skipped on rerun, a changed column reruns alone; bad input is one error line."""
+skipped on rerun, a changed column reruns alone, --columns/--models run a share; bad input is one
+error line."""
 import csv
 import json
 import os
@@ -92,6 +93,20 @@ def test_board_table_and_resumed_reruns(models, tmp_path, capsys, monkeypatch):
     third = capsys.readouterr().out
     assert third.count(": started") == 2 and third.count("skipped (finished earlier)") == 6
     assert "a / query: started" in third and "b / query: started" in third
+
+    # A share of the board: only b's white-box cell runs now; the board holds what is finished
+    part = tmp_path / "part"
+    assert load_tool("robust_board").main(["--protocol", protocol, "--output", str(part),
+                                           "--columns", "white_box", "--models", "b"]) == 0
+    fourth = capsys.readouterr().out
+    assert fourth.count(": started") == 1 and "b / white_box: started" in fourth
+    assert fourth.count("not run now") == 7
+    rows = json.loads((part / "board.json").read_text())["rows"]
+    assert [(r["model"], set(r["cells"])) for r in rows] == [("b", {"white_box"})]
+    assert load_tool("robust_board").main(["--protocol", protocol, "--output", str(part),
+                                           "--columns", "white_box,nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--columns: unknown ['nope']" in err[0], err
 
 
 @pytest.mark.parametrize("columns, models, message", [

@@ -3,7 +3,7 @@
 table with clean, white-box, transfer, query-based, UAP and corruption columns.
 
     python tools/robust_board.py --protocol configs/SynthReID/boards/demo.yml \\
-        [--model NAME=CONFIG:WEIGHTS ...] [--output logs/robust_board]
+        [--model NAME=CONFIG:WEIGHTS ...] [--output logs/robust_board] [--columns A,B] [--models X,Y]
 
 The protocol file (YAML; paths relative to it)::
 
@@ -22,7 +22,10 @@ crafts on the board's model NAME (its config and weights: --surrogate-config/--s
 and is left out for NAME itself ("—" in the table). Each model x column is one robust_eval run in
 OUTPUT/MODEL/COLUMN (its console output in console.log there); one whose results.json is that of
 the same options on the same weights is skipped (tools/evidence.py's check), so a rerun finishes
-only what is missing and an interrupted board resumes.
+only what is missing and an interrupted board resumes. --columns / --models run only those cells
+now (the others are skipped if finished, else left for later): several processes or machines can
+share one board's output, each taking some columns or models; every one of them writes the board of
+the cells finished so far.
 
 Writes OUTPUT/board.md, board.csv and board.json: one row per model (x test dataset), the clean
 mAP/Rank-1 and per column the worst cell (lowest mAP) of its run, "mAP/Rank-1"; a corruption
@@ -60,7 +63,20 @@ def build_parser():
     parser.add_argument("--model", action="append", default=[], metavar="NAME=CONFIG:WEIGHTS",
                         help="a model to evaluate (repeatable; after the file's models)")
     parser.add_argument("--output", default=os.path.join("logs", "robust_board"))
+    parser.add_argument("--columns", default="", metavar="A,B",
+                        help="run only these columns' cells now (default: all)")
+    parser.add_argument("--models", default="", metavar="X,Y",
+                        help="run only these models' cells now (default: all)")
     return parser
+
+
+def selection(text, known, option):
+    """The names of a --columns / --models value (all of ``known`` when empty)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise BoardError(f"{option}: unknown {unknown}; the board's: {', '.join(known)}")
+    return set(names or known)
 
 
 def _relative(base, path):
@@ -154,8 +170,9 @@ def plan(columns, overrides, models, output):
     return cells
 
 
-def execute(cells):
-    """Run every cell not finished yet (one progress line per cell)."""
+def execute(cells, models=None, columns=None):
+    """Run every cell not finished yet (one progress line per cell), of ``models`` and ``columns``
+    only when given."""
     for i, (model, column, eval_dir, argv) in enumerate(cells, 1):
         label = f"[{i}/{len(cells)}] {model} / {column}"
         if argv is None:
@@ -163,6 +180,10 @@ def execute(cells):
             continue
         if evidence.evaluated(eval_dir, argv):
             print(f"{label}: skipped (finished earlier)", flush=True)
+            continue
+        if (models is not None and model not in models) or (columns is not None
+                                                              and column not in columns):
+            print(f"{label}: not run now (--models / --columns)", flush=True)
             continue
         print(f"{label}: started", flush=True)
         log = os.path.join(eval_dir, "console.log")
@@ -188,10 +209,10 @@ def column_value(entry):
 
 
 def collect(cells, models, columns):
-    """The board's rows: per model and test dataset, clean and every column's cell."""
+    """The board's rows: per model and test dataset, clean and every finished column's cell."""
     rows, entries = {}, {}
     for model, column, eval_dir, argv in cells:
-        if argv is None:
+        if argv is None or not evidence.evaluated(eval_dir, argv):
             continue
         with open(os.path.join(eval_dir, "results.json")) as f:
             report = json.load(f)
@@ -233,7 +254,8 @@ def markdown(board):
     lines = [f"Robustness board ({os.path.basename(board['protocol'])}): mAP/Rank-1 (%); per column "
              "the worst of its attack cells (lowest mAP); corruption columns: CIL-ReID's "
              "corruption evaluation, the mean over the corruption x severity grid and mCE (%) "
-             f"against {board['reference']}; — = not run (the column's surrogate is the model).",
+             f"against {board['reference']}; — = not run (the column's surrogate is the model, "
+             "or not run yet).",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [_pair(r["cells"].get(c)) for c in columns]
@@ -288,7 +310,8 @@ def main(argv=None):
             raise BoardError("no models: give 'models' in the protocol file or --model "
                              "NAME=CONFIG:WEIGHTS")
         cells = plan(columns, overrides, models, output)
-        execute(cells)
+        execute(cells, selection(ns.models, list(models), "--models"),
+                selection(ns.columns, list(columns), "--columns"))
     except (BoardError, evidence.EvidenceError, ConfigError, *USER_ERRORS,
             AttackConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
