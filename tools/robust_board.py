@@ -170,9 +170,8 @@ def plan(columns, overrides, models, output):
     return cells
 
 
-def execute(cells, models=None, columns=None):
-    """Run every cell not finished yet (one progress line per cell), of ``models`` and ``columns``
-    only when given."""
+def execute(cells, models, columns):
+    """Run every cell of ``models`` x ``columns`` not finished yet (one progress line per cell)."""
     for i, (model, column, eval_dir, argv) in enumerate(cells, 1):
         label = f"[{i}/{len(cells)}] {model} / {column}"
         if argv is None:
@@ -181,8 +180,7 @@ def execute(cells, models=None, columns=None):
         if evidence.evaluated(eval_dir, argv):
             print(f"{label}: skipped (finished earlier)", flush=True)
             continue
-        if (models is not None and model not in models) or (columns is not None
-                                                              and column not in columns):
+        if model not in models or column not in columns:
             print(f"{label}: not run now (--models / --columns)", flush=True)
             continue
         print(f"{label}: started", flush=True)
