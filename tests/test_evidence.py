@@ -495,3 +495,26 @@ def test_finished_run_copied_into_another_output_is_reused(tool, fake_runs, tmp_
     assert tool.main(args) == 0
     assert len(fake_runs["train"]) == 4 and len(fake_runs["evaluate"]) == 6
     assert capsys.readouterr().out.count("started (trained earlier, evaluating)") == 2
+
+
+def test_only_splits_a_study_across_processes(tool, fake_runs, tmp_path, datasets_root, capsys):
+    """--only runs the matching runs and writes no table; a fine-tuning run whose source is not
+    trained yet is refused by name; the full command afterwards only aggregates."""
+    assert tool.main(methods_args(tmp_path, "--only", "at/seed1")) == 2
+    assert "at seed 1 fine-tunes base/seed1, which has no model_final.pth yet" in capsys.readouterr().err
+    assert not fake_runs["train"]
+
+    assert tool.main(methods_args(tmp_path, "--only", "base/*")) == 0
+    assert tool.main(methods_args(tmp_path, "--only", "at/seed1", "--only", "at/seed0")) == 0
+    out = capsys.readouterr().out
+    assert [opt(a, "OUTPUT_DIR").split(os.sep)[-2:] for a in fake_runs["train"]] == [
+        ["base", "seed0"], ["base", "seed1"], ["at", "seed0"], ["at", "seed1"]]
+    assert "selected run(s) done" in out and not (tmp_path / "ev" / "results.json").exists()
+
+    assert tool.main(methods_args(tmp_path)) == 0
+    assert len(fake_runs["train"]) == 4 and len(fake_runs["evaluate"]) == 4
+    assert capsys.readouterr().out.count("skipped (finished earlier)") == 4
+    assert (tmp_path / "ev" / "results.json").exists()
+
+    assert tool.main(methods_args(tmp_path, "--only", "eat/*")) == 2
+    assert "--only 'eat/*' matches no run; runs: base/seed0, at/seed0" in capsys.readouterr().err

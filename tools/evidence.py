@@ -34,6 +34,7 @@ Intervals: Student-t on the paired differences (default) or a seeded percentile 
 """
 import argparse
 import contextlib
+import fnmatch
 import json
 import logging
 import os
@@ -140,6 +141,10 @@ def build_parser():
     parser.add_argument("--bootstrap-samples", type=int, default=10000)
     parser.add_argument("--bootstrap-seed", type=int, default=0)
     parser.add_argument("--output", default=os.path.join("logs", "evidence"))
+    parser.add_argument("--only", action="append", default=[], metavar="METHOD/seedS",
+                        help="run only the runs matching this glob, e.g. 'eat/seed2' or 'at/*' "
+                             "(repeatable): splits one study across processes on the same "
+                             "--output; writes no table (run again without --only for it)")
     return parser
 
 
@@ -298,7 +303,19 @@ def check_inputs(ns, extra):
             raise EvidenceError(f"method {run.method.name}: {e}") from None
     for run in runs:
         check_same_training(run)
-    return methods, comparisons, runs, extra
+    return methods, comparisons, select_runs(runs, ns.only), extra
+
+
+def select_runs(runs, patterns):
+    """The runs whose NAME/seedS matches one of the ``--only`` globs (all when none is given)."""
+    if not patterns:
+        return runs
+    key = lambda run: f"{run.method.name}/seed{run.seed}"  # noqa: E731
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(key(r), p) for r in runs)]
+    if unmatched:
+        raise EvidenceError(f"--only {unmatched[0]!r} matches no run; runs: "
+                            f"{', '.join(key(r) for r in runs)}")
+    return [r for r in runs if any(fnmatch.fnmatchcase(key(r), p) for p in patterns)]
 
 
 def check_passthrough(extra):
@@ -398,6 +415,10 @@ def execute(runs, ns, passthrough):
         how = ("trained earlier, evaluating" if trained else
                "resuming from its last checkpoint" if resume_flags(run.out) else
                f"fine-tuning {source}" if source else "training")
+        if not trained and run.source and not os.path.isfile(final_weights(run.source)):
+            raise EvidenceError(f"{run.label} fine-tunes {source}, which has no "
+                                f"{os.path.basename(final_weights(run.source))} yet: train it "
+                                f"first (with --only, select it too)")
         print(f"{label}: started ({how})", flush=True)
         log = os.path.join(run.out, "console.log")
         start = time.perf_counter()
@@ -562,6 +583,10 @@ def main(argv=None):
     try:
         methods, comparisons, runs, passthrough = check_inputs(ns, extra)
         execute(runs, ns, passthrough)
+        if ns.only:
+            print(f"{len(runs)} selected run(s) done; the table: the same command without --only",
+                  flush=True)
+            return 0
     except (EvidenceError, *USER_ERRORS, AttackConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
