@@ -184,13 +184,41 @@ def test_cge_ae_pretrains_the_autoencoder_then_trains_encoder_and_denoiser(tmp_p
     assert moved("autoencoder.encoder.", pretrained, final) and moved("denoiser.", pretrained, final)
 
 
+def test_mse_warm_start_trains_the_denoiser_alone_without_queries(tmp_path, datasets_root):
+    """DENOISER.MSE_PRETRAIN_ITERS: the denoiser alone on ||D(x + eta) - x||^2 with its own Adam, no
+    query; the mode's iterations and learning-rate schedule follow unchanged."""
+    from robustreid.engine.denoiser_training import load_denoiser
+
+    out = tmp_path / "warm"
+    cfg = _cfg(out, "DENOISER.MODE", "rge", "DENOISER.Q", "2", "DENOISER.SIGMA", "0.25",
+               "DENOISER.MSE_PRETRAIN_ITERS", "150", "DENOISER.MSE_PRETRAIN_LR", "0.01",
+               "DENOISER.WIDTH", "8", "DENOISER.ITERS", "1", "DENOISER.CHECKPOINT_PERIOD", "150", "DENOISER.LOG_PERIOD", "150")
+    trainer = _trainer(cfg, _model(cfg), out)
+    x = next(_trainer(cfg, trainer.extractor.model).stream)["images"] / 255.0
+    noise = 0.25 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+
+    def mse(front):
+        with torch.no_grad():
+            return F.mse_loss(front.denoiser.eval()(x + noise), x).item()
+
+    before = mse(trainer.front)
+    summary = trainer.train()
+    warm = load_denoiser(cfg, str(out / "denoiser_0000150.pth"))
+    # below the noisy input itself (sigma^2 = 0.0625): it denoises, not merely copies
+    assert mse(warm) < 0.8 * F.mse_loss(x + noise, x).item(), (before, mse(warm))
+    assert summary["iterations"] == 151 and summary["queries"] == 1 * 4 * (2 + 2)  # the ZO step only
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
+    assert trainer.scheduler.last_epoch == 1
+    assert all(p.grad is None for p in trainer.extractor.model.parameters())
+
+
 def test_resume_continues_exactly_and_checkpoints_load(tmp_path, datasets_root):
-    """Stopped after 2 of 4 iterations (the first autoencoder pre-training) and resumed: the same
-    weights, optimizer states, scheduler and query count as the uninterrupted run."""
+    """Stopped after 3 of 5 iterations (autoencoder pre-training, MSE warm start, one ZO step) and
+    resumed: the same weights, optimizer states, scheduler and query count as the uninterrupted run."""
     from robustreid.engine.denoiser_training import load_denoiser
 
     opts = ("DENOISER.MODE", "rge_ae", "DENOISER.Q", "2", "DENOISER.AE.PRETRAIN_ITERS", "1",
-            "DENOISER.DECAY_EVERY", "2")
+            "DENOISER.MSE_PRETRAIN_ITERS", "1", "DENOISER.DECAY_EVERY", "2")
     model = _model(_cfg(tmp_path))
     whole = _trainer(_cfg(tmp_path / "a", *opts, "DENOISER.ITERS", "3"), model, tmp_path / "a")
     whole.train()
@@ -198,14 +226,15 @@ def test_resume_continues_exactly_and_checkpoints_load(tmp_path, datasets_root):
     torch.manual_seed(123)  # whatever ran in between: the checkpoint's generators take over
     resumed = _trainer(_cfg(tmp_path / "b", *opts, "DENOISER.ITERS", "3"), model, tmp_path / "b")
     resumed.resume_or_start(resume=True)
-    assert resumed.progress.iteration == 2
+    assert resumed.progress.iteration == 3
     resumed.train()
     for key, value in whole.front.state_dict().items():
         torch.testing.assert_close(resumed.front.state_dict()[key], value, rtol=0, atol=0)
     assert resumed.black_box.queries == whole.black_box.queries == 3 * 4 * (2 + 2)
     assert resumed.scheduler.state_dict() == whole.scheduler.state_dict()
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # decayed at iteration 2
-    for a, b in ((whole.optimizer, resumed.optimizer), (whole.ae_optimizer, resumed.ae_optimizer)):
+    for a, b in ((whole.optimizer, resumed.optimizer), (whole.ae_optimizer, resumed.ae_optimizer),
+                 (whole.mse_optimizer, resumed.mse_optimizer)):
         for state_a, state_b in zip(a.state_dict()["state"].values(), b.state_dict()["state"].values()):
             torch.testing.assert_close(state_a["exp_avg"], state_b["exp_avg"], rtol=0, atol=0)
 

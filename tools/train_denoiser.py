@@ -8,7 +8,8 @@ The model (CFG + MODEL.WEIGHTS) stays frozen; the denoiser trains on its trainin
 (DATASETS.NAMES) with Gaussian noise of DENOISER.SIGMA ([0, 1] pixel units). DENOISER.MODE:
 first_order (white-box gradients), rge (ZO-RUDS: the model is queried only, q + 2 queries per
 sample per step), cge_ae / rge_ae (ZO-AE-RUDS: autoencoder pre-trained first, then the gradient is
-estimated in its latent; 2 LATENT_DIM + 2 queries per sample per step with CGE). Every DENOISER key
+estimated in its latent; 2 LATENT_DIM + 2 queries per sample per step with CGE). DENOISER.MSE_PRETRAIN_ITERS > 0 warm-starts
+the denoiser on ||D(x + eta) - x||^2 first (Salman et al.; no query). Every DENOISER key
 is in robustreid/config.py. Checkpoints go to DIR (default OUTPUT_DIR/denoiser), the last as
 denoiser_final.pth; --resume continues from DIR's last checkpoint exactly. The last line gives the
 checkpoint, iterations, queries and time. Bad input exits 2 with one "error: ..." line.

@@ -264,6 +264,11 @@ def add_robustreid_config(cfg):
     cfg.DENOISER.LOSS.MMD_BANDWIDTHS = (1.0,)  # gaussian: multiples of the median distance [INF]
     # ||D(x + eta) - x||^2 of denoised smoothing (eq. 6.8, Salman et al.); 0 = eq. 6.13 as written.
     cfg.DENOISER.LOSS.MSE = 0.0
+    # Warm start before the mode's training: iterations of ||D(x + eta) - x||^2 alone (Salman et al.
+    # 2020's MSE pre-training of denoised smoothing; no model query), with its own Adam. 0 = the
+    # thesis as written (D starts from its initialisation). Counted in CHECKPOINT_PERIOD's iterations.
+    cfg.DENOISER.MSE_PRETRAIN_ITERS = 0
+    cfg.DENOISER.MSE_PRETRAIN_LR = 1e-3    # Salman et al.'s Adam rate for MSE denoisers
     cfg.DENOISER.IMS_PER_BATCH = 256       # 6.4
     cfg.DENOISER.LR = 1e-4                 # Adam (6.4 gives the rate; the optimizer [INF])
     # 6.4: 600 epochs, the rate divided by 10 every 100. Here in iterations (an epoch is

@@ -13,6 +13,10 @@ frozen model's output (DENOISER.OUTPUT). DENOISER.MODE says how the gradient rea
   joins the black box (f o decoder, frozen, eval mode) and its encoder trains with D: the gradient is
   estimated in the latent z = E(D(x*)) by CGE (eq. 6.18-6.19) or RGE.
 
+Stages, in iterations: the autoencoder's pre-training (``*_ae`` modes), then DENOISER.MSE_PRETRAIN_ITERS
+of the denoiser on ||D(x*) - x||^2 alone (Salman et al.'s warm start; no query, its own Adam), then
+DENOISER.ITERS of the mode's training (DENOISER.LR and its schedule).
+
 The zeroth-order gradient, per step and sample: (1) query f(x) and f(z) (2 queries); (2) the loss is
 ours, so its gradient g = dL_Tot/df(z) comes from autograd on those outputs; (3) estimate
 J_f(z)^T g, the black box's part of the chain rule (eq. 6.15's estimated gradient), as the ZO gradient
@@ -79,8 +83,8 @@ def _value(node, key):
 # DENOISER keys checked by check_denoiser_config, beyond the choices
 _INTEGERS = {"WIDTH": 1, "Q": 1, "IMS_PER_BATCH": 1, "ITERS": 1, "DECAY_EVERY": 1,
              "CHECKPOINT_PERIOD": 1, "LOG_PERIOD": 1, "AE.LATENT_DIM": 1, "AE.WIDTH": 1,
-             "AE.LEVELS": 1, "AE.PRETRAIN_ITERS": 0}
-_POSITIVE = ("SIGMA", "XI", "LR", "GAMMA", "AE.PRETRAIN_LR")
+             "AE.LEVELS": 1, "AE.PRETRAIN_ITERS": 0, "MSE_PRETRAIN_ITERS": 0}
+_POSITIVE = ("SIGMA", "XI", "LR", "GAMMA", "AE.PRETRAIN_LR", "MSE_PRETRAIN_LR")
 _NON_NEGATIVE = ("LOSS.MATCH", "LOSS.CS", "LOSS.MMD", "LOSS.MSE")
 
 
@@ -180,7 +184,8 @@ class DenoiserTrainer:
         self.optimizer = torch.optim.Adam(trained, lr=d.LR)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, d.DECAY_EVERY, d.GAMMA)
         self.pretrain_iters = d.AE.PRETRAIN_ITERS if self.autoencoder is not None else 0
-        self.max_iter = self.pretrain_iters + d.ITERS
+        self.warm_start_end = self.pretrain_iters + d.MSE_PRETRAIN_ITERS
+        self.max_iter = self.warm_start_end + d.ITERS
         self.stream = build_denoiser_stream(cfg)
         self.progress = Progress(self.black_box)
         checkpointables = dict(optimizer=self.optimizer, scheduler=self.scheduler, stream=self.stream,
@@ -188,6 +193,10 @@ class DenoiserTrainer:
         if self.autoencoder is not None:
             self.ae_optimizer = torch.optim.Adam(self.autoencoder.parameters(), lr=d.AE.PRETRAIN_LR)
             checkpointables["ae_optimizer"] = self.ae_optimizer
+        if d.MSE_PRETRAIN_ITERS:
+            self.mse_optimizer = torch.optim.Adam(self.front.denoiser.parameters(),
+                                                  lr=d.MSE_PRETRAIN_LR)
+            checkpointables["mse_optimizer"] = self.mse_optimizer
         if output_dir:
             os.makedirs(output_dir, exist_ok=True)
         self.checkpointer = RobustCheckpointer(self.front, output_dir,
@@ -209,6 +218,15 @@ class DenoiserTrainer:
         loss.backward()
         self.ae_optimizer.step()
         return {"reconstruction": loss.detach()}
+
+    def _mse_pretrain_step(self, x):
+        """The denoiser alone on ||D(x + eta) - x||^2 (warm start; the model is not queried)."""
+        self.front.denoiser.train()
+        loss = F.mse_loss(self.front.denoiser(x + self.cfg.DENOISER.SIGMA * torch.randn_like(x)), x)
+        self.mse_optimizer.zero_grad()
+        loss.backward()
+        self.mse_optimizer.step()
+        return {"mse": loss.detach()}
 
     def _query_latent(self, z):
         """The black box of the *_ae modes: the frozen decoder, then the model."""
@@ -261,11 +279,11 @@ class DenoiserTrainer:
             for iteration in range(start_iter, self.max_iter):
                 batch = next(self.stream)
                 x = batch["images"].to(self.device, torch.float32) / 255.0
-                pretraining = iteration < self.pretrain_iters
-                terms = self._pretrain_step(x) if pretraining else self._denoiser_step(x)
+                stage = self._stage(iteration)
+                terms = stage[1](x)
                 self.progress.iteration = iteration + 1
                 if self.progress.iteration % self.cfg.DENOISER.LOG_PERIOD == 0:
-                    self._log(terms, pretraining)
+                    self._log(terms, stage[0])
                 if self.progress.iteration % self.cfg.DENOISER.CHECKPOINT_PERIOD == 0 and \
                         self.progress.iteration < self.max_iter:
                     self.checkpointer.save(f"denoiser_{self.progress.iteration:07d}")
@@ -278,8 +296,15 @@ class DenoiserTrainer:
                 "terms": {k: float(v) for k, v in terms.items()},
                 "seconds": time.perf_counter() - started}
 
-    def _log(self, terms, pretraining):
-        stage = "autoencoder pre-training" if pretraining else self.cfg.DENOISER.MODE
+    def _stage(self, iteration):
+        """(name, step function) of the stage ``iteration`` belongs to (module doc)."""
+        if iteration < self.pretrain_iters:
+            return "autoencoder pre-training", self._pretrain_step
+        if iteration < self.warm_start_end:
+            return "denoiser MSE pre-training", self._mse_pretrain_step
+        return self.cfg.DENOISER.MODE, self._denoiser_step
+
+    def _log(self, terms, stage):
         values = "  ".join(f"{k} {float(v):.4f}" for k, v in terms.items())
         logger.info("denoiser iter %d/%d (%s)  %s  lr %.2e  queries %d", self.progress.iteration,
                     self.max_iter, stage, values, self.optimizer.param_groups[0]["lr"],
