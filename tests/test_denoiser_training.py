@@ -184,7 +184,7 @@ def test_cge_ae_pretrains_the_autoencoder_then_trains_encoder_and_denoiser(tmp_p
     assert moved("autoencoder.encoder.", pretrained, final) and moved("denoiser.", pretrained, final)
 
 
-def test_mse_warm_start_trains_the_denoiser_alone_without_queries(tmp_path, datasets_root):
+def test_mse_warm_start_trains_the_denoiser_alone_without_queries(tmp_path, datasets_root, caplog):
     """DENOISER.MSE_PRETRAIN_ITERS: the denoiser alone on ||D(x + eta) - x||^2 with its own Adam, no
     query; the mode's iterations and learning-rate schedule follow unchanged."""
     from robustreid.engine.denoiser_training import load_denoiser
@@ -202,7 +202,10 @@ def test_mse_warm_start_trains_the_denoiser_alone_without_queries(tmp_path, data
             return F.mse_loss(front.denoiser.eval()(x + noise), x).item()
 
     before = mse(trainer.front)
-    summary = trainer.train()
+    with caplog.at_level("INFO", logger="robustreid.engine.denoiser_training"):
+        summary = trainer.train()
+    # the progress line gives the rate of the stage's own optimizer
+    assert "iter 150/151 (denoiser MSE pre-training)" in caplog.text and "lr 1.00e-02" in caplog.text
     warm = load_denoiser(cfg, str(out / "denoiser_0000150.pth"))
     # below the noisy input itself (sigma^2 = 0.0625): it denoises, not merely copies
     assert mse(warm) < 0.8 * F.mse_loss(x + noise, x).item(), (before, mse(warm))

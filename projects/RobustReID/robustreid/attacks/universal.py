@@ -52,7 +52,7 @@ class UniversalPerturbation:
                 grad, = torch.autograd.grad(objective, delta)
                 self.delta = (self.delta + self._step01 * grad.sign()).clamp(-self._eps01,
                                                                              self._eps01)
-                images, loss, steps = images + len(x), float(objective), steps + 1
+                images, loss, steps = images + len(x), objective.item(), steps + 1
         self.fit_stats = {"fit_steps": steps, "fit_images_seen": images,
                           "fit_final_objective": loss,
                           "fit_seconds": time.perf_counter() - start,

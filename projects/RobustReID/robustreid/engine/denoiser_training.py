@@ -279,11 +279,11 @@ class DenoiserTrainer:
             for iteration in range(start_iter, self.max_iter):
                 batch = next(self.stream)
                 x = batch["images"].to(self.device, torch.float32) / 255.0
-                stage = self._stage(iteration)
-                terms = stage[1](x)
+                stage, step, optimizer = self._stage(iteration)
+                terms = step(x)
                 self.progress.iteration = iteration + 1
                 if self.progress.iteration % self.cfg.DENOISER.LOG_PERIOD == 0:
-                    self._log(terms, stage[0])
+                    self._log(terms, stage, optimizer)
                 if self.progress.iteration % self.cfg.DENOISER.CHECKPOINT_PERIOD == 0 and \
                         self.progress.iteration < self.max_iter:
                     self.checkpointer.save(f"denoiser_{self.progress.iteration:07d}")
@@ -297,17 +297,17 @@ class DenoiserTrainer:
                 "seconds": time.perf_counter() - started}
 
     def _stage(self, iteration):
-        """(name, step function) of the stage ``iteration`` belongs to (module doc)."""
+        """(name, step function, optimizer) of the stage ``iteration`` belongs to (module doc)."""
         if iteration < self.pretrain_iters:
-            return "autoencoder pre-training", self._pretrain_step
+            return "autoencoder pre-training", self._pretrain_step, self.ae_optimizer
         if iteration < self.warm_start_end:
-            return "denoiser MSE pre-training", self._mse_pretrain_step
-        return self.cfg.DENOISER.MODE, self._denoiser_step
+            return "denoiser MSE pre-training", self._mse_pretrain_step, self.mse_optimizer
+        return self.cfg.DENOISER.MODE, self._denoiser_step, self.optimizer
 
-    def _log(self, terms, stage):
+    def _log(self, terms, stage, optimizer):
         values = "  ".join(f"{k} {float(v):.4f}" for k, v in terms.items())
         logger.info("denoiser iter %d/%d (%s)  %s  lr %.2e  queries %d", self.progress.iteration,
-                    self.max_iter, stage, values, self.optimizer.param_groups[0]["lr"],
+                    self.max_iter, stage, values, optimizer.param_groups[0]["lr"],
                     self.black_box.queries)
 
 
