@@ -310,12 +310,11 @@ def select_runs(runs, patterns):
     """The runs whose NAME/seedS matches one of the ``--only`` globs (all when none is given)."""
     if not patterns:
         return runs
-    key = lambda run: f"{run.method.name}/seed{run.seed}"  # noqa: E731
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(key(r), p) for r in runs)]
+    keys = [f"{run.method.name}/seed{run.seed}" for run in runs]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(k, p) for k in keys)]
     if unmatched:
-        raise EvidenceError(f"--only {unmatched[0]!r} matches no run; runs: "
-                            f"{', '.join(key(r) for r in runs)}")
-    return [r for r in runs if any(fnmatch.fnmatchcase(key(r), p) for p in patterns)]
+        raise EvidenceError(f"--only {unmatched[0]!r} matches no run; runs: {', '.join(keys)}")
+    return [run for run, k in zip(runs, keys) if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
 
 
 def check_passthrough(extra):

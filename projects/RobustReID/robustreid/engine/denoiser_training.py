@@ -210,23 +210,24 @@ class DenoiserTrainer:
             logger.info("Resuming the denoiser from %s", path)
             self.checkpointer.resume(path)
 
+    @staticmethod
+    def _reconstruction_step(module, optimizer, inputs, x, name):
+        """One white-box step of ``module`` alone on ||module(inputs) - x||^2 (no model query)."""
+        module.train()
+        loss = F.mse_loss(module(inputs), x)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return {name: loss.detach()}
+
     def _pretrain_step(self, x):
         """Autoencoder reconstruction of clean images (white-box, first stage of ZO-AE-RUDS)."""
-        self.autoencoder.train()
-        loss = F.mse_loss(self.autoencoder(x), x)
-        self.ae_optimizer.zero_grad()
-        loss.backward()
-        self.ae_optimizer.step()
-        return {"reconstruction": loss.detach()}
+        return self._reconstruction_step(self.autoencoder, self.ae_optimizer, x, x, "reconstruction")
 
     def _mse_pretrain_step(self, x):
         """The denoiser alone on ||D(x + eta) - x||^2 (warm start; the model is not queried)."""
-        self.front.denoiser.train()
-        loss = F.mse_loss(self.front.denoiser(x + self.cfg.DENOISER.SIGMA * torch.randn_like(x)), x)
-        self.mse_optimizer.zero_grad()
-        loss.backward()
-        self.mse_optimizer.step()
-        return {"mse": loss.detach()}
+        noisy = x + self.cfg.DENOISER.SIGMA * torch.randn_like(x)
+        return self._reconstruction_step(self.front.denoiser, self.mse_optimizer, noisy, x, "mse")
 
     def _query_latent(self, z):
         """The black box of the *_ae modes: the frozen decoder, then the model."""
