@@ -35,7 +35,7 @@ def test_thesis_rows_are_found_by_source_and_target(tool):
     assert [c.strip() for c in direct.strip("|").split("|")][2:] == ["56.1", "-", "-", "26.8"]
 
 
-def test_a_short_run_prints_direct_transfer_ipes_and_identity(tool, tmp_path, datasets_root,
+def test_a_short_run_prints_direct_transfer_adabn_ipes_and_identity(tool, tmp_path, datasets_root,
                                                               capsys):
     source = write_source_checkpoint(tmp_path / "source.pth", make_ipes_cfg(tmp_path))
     try:
@@ -49,7 +49,8 @@ def test_a_short_run_prints_direct_transfer_ipes_and_identity(tool, tmp_path, da
     start = [i for i, line in enumerate(out) if line.startswith("| Methods")][-1]
     end = start + next(i for i, line in enumerate(out[start:]) if not line.startswith("|"))
     rows = [line.split("|")[1].strip() for line in out[start + 2:end]]
-    assert rows == ["Direct transfer", "IPES-GAN (ResNet-18)"]  # no thesis row for SynthReID
+    # no thesis row for SynthReID
+    assert rows == ["Direct transfer", "Direct transfer + AdaBN", "IPES-GAN (ResNet-18)"]
     assert "SynthReIDTiny_D0->SynthReIDTiny_D2 mAP" in out[start]
     identity = [line for line in out if line.startswith("Identity preservation:")]
     assert len(identity) == 1 and "of 4 views" in identity[0] and "chance" in identity[0]

@@ -10,17 +10,21 @@ unlabelled target, evaluate on the target, print the thesis's Table 3.1 layout b
 Source: DATASETS.NAMES; target: IPES.TARGET (training images, unlabelled) and DATASETS.TESTS
 (query / gallery, evaluated with the project's evaluator). Rows of the table (CMC-1/5/10, mAP per
 target): "Direct transfer", the source-trained model on the target (the thesis's "Direct Testing":
-the training run's MODEL.WEIGHTS, or --direct-weights), then this run's IPES-GAN identity encoder,
-then the thesis's rows for the same source and target (configs/IPES/paper_results.json).
---identity-pairs N also measures whether generated views keep the source identity: the run's
-frozen teacher (the source model) retrieves, for N views I_S->G, the nearest real source image
-(robustreid.evaluation.ipes_identity), against chance. One process. Bad input exits 2 with one
-"error: ..." line.
+the training run's MODEL.WEIGHTS, or --direct-weights), "Direct transfer + AdaBN" (that model with
+its BatchNorm statistics re-estimated on IPES.TARGET's unlabelled training images: the cheapest
+UDA baseline), then this run's IPES-GAN identity encoder, then the thesis's rows for the same
+source and target (configs/IPES/paper_results.json). --identity-pairs N also measures whether
+generated views keep the source identity: the run's frozen teacher (the source model) retrieves,
+for N views I_S->G, the nearest real source image (robustreid.evaluation.ipes_identity), against
+chance. One process. Bad input exits 2 with one "error: ..." line.
 """
 import argparse
 import json
+import logging
 import os
 import sys
+
+import torch
 
 import robustreid  # noqa: F401  (compat patches, registrations)
 import dg_eval  # tools/dg_eval.py: the per-target evaluation (tools/ is on sys.path)
@@ -28,6 +32,7 @@ from robustreid.cli import OneLineParser, int_at_least
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_RESULTS = os.path.join(REPO, "configs", "IPES", "paper_results.json")
+logger = logging.getLogger("robustreid.uda_eval")
 COLUMNS = (("CMC-1", "Rank-1"), ("CMC-5", "Rank-5"), ("CMC-10", "Rank-10"), ("mAP", "mAP"))
 
 
@@ -72,6 +77,29 @@ def direct_transfer_config(cfg, weights):
     cfg.IPES.ENABLED = False
     cfg.MODEL.WEIGHTS = weights
     return cfg
+
+
+def adapted_batchnorm_model(cfg, weights):
+    """The source model with its BatchNorm statistics re-estimated on IPES.TARGET's unlabelled
+    training images (AdaBN, robustreid.modeling.batchnorm_adaptation), at the test transform."""
+    from fastreid.data.build import fast_batch_collator
+    from fastreid.data.common import CommDataset
+    from fastreid.data.transforms import build_transforms
+    from robustreid.data.validation import build_dataset
+    from robustreid.engine import RobustTrainer
+    from robustreid.modeling.batchnorm_adaptation import adapt_batchnorm_statistics
+
+    model = RobustTrainer.load_for_eval(direct_transfer_config(cfg, weights))
+    items = [(item[0], 0, 0) for item in build_dataset(cfg.IPES.TARGET).train]
+    loader = torch.utils.data.DataLoader(
+        CommDataset(items, build_transforms(cfg, is_train=False), relabel=False),
+        batch_size=cfg.TEST.IMS_PER_BATCH, num_workers=cfg.DATALOADER.NUM_WORKERS,
+        collate_fn=fast_batch_collator)
+    device = next(model.parameters()).device
+    seen = adapt_batchnorm_statistics(model, (b["images"].to(device) for b in loader))
+    logger.info("AdaBN: BatchNorm statistics of %s re-estimated on %d %s training images",
+                weights, seen, cfg.IPES.TARGET)
+    return model
 
 
 def identity_line(cfg, model, pairs):
@@ -134,6 +162,9 @@ def main(argv=None):
         source_model = RobustTrainer.load_for_eval(direct_transfer_config(cfg, direct))
         rows.append(("Direct transfer", "source model",
                      dg_eval.evaluate_targets(cfg, source_model, targets, 1)))
+        rows.append(("Direct transfer + AdaBN", "target BN statistics",
+                     dg_eval.evaluate_targets(cfg, adapted_batchnorm_model(cfg, direct), targets,
+                                              1)))
     rows.append((f"IPES-GAN ({backbone_label(cfg)})", "this run",
                  dg_eval.evaluate_targets(cfg, model, targets, 1, known)))
     source = "+".join(cfg.DATASETS.NAMES)
