@@ -37,16 +37,21 @@ logger = logging.getLogger("robustreid.dg_eval")
 METRICS = ("mAP", "Rank-1", "Rank-5", "Rank-10")
 
 
+def image_loader(cfg, paths):
+    """Batches of ``paths`` at the test transform (TEST.IMS_PER_BATCH, no labels)."""
+    dataset = CommDataset([(p, 0, 0) for p in paths], build_transforms(cfg, is_train=False),
+                          relabel=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.TEST.IMS_PER_BATCH,
+                                       num_workers=cfg.DATALOADER.NUM_WORKERS,
+                                       collate_fn=fast_batch_collator)
+
+
 @torch.no_grad()
 def _features(cfg, model, paths, cache):
     """Eval-mode features of ``paths`` (cached by path across splits)."""
     todo = [p for p in dict.fromkeys(paths) if p not in cache]
     if todo:
-        dataset = CommDataset([(p, 0, 0) for p in todo], build_transforms(cfg, is_train=False),
-                              relabel=False)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.TEST.IMS_PER_BATCH,
-                                             num_workers=cfg.DATALOADER.NUM_WORKERS,
-                                             collate_fn=fast_batch_collator)
+        loader = image_loader(cfg, todo)
         device = next(model.parameters()).device
         model.eval()
         for batch in loader:

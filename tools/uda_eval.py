@@ -19,12 +19,11 @@ for N views I_S->G, the nearest real source image (robustreid.evaluation.ipes_id
 chance. One process. Bad input exits 2 with one "error: ..." line.
 """
 import argparse
+import copy
 import json
 import logging
 import os
 import sys
-
-import torch
 
 import robustreid  # noqa: F401  (compat patches, registrations)
 import dg_eval  # tools/dg_eval.py: the per-target evaluation (tools/ is on sys.path)
@@ -79,26 +78,19 @@ def direct_transfer_config(cfg, weights):
     return cfg
 
 
-def adapted_batchnorm_model(cfg, weights):
-    """The source model with its BatchNorm statistics re-estimated on IPES.TARGET's unlabelled
-    training images (AdaBN, robustreid.modeling.batchnorm_adaptation), at the test transform."""
-    from fastreid.data.build import fast_batch_collator
-    from fastreid.data.common import CommDataset
-    from fastreid.data.transforms import build_transforms
+def adapted_batchnorm_model(cfg, source_model):
+    """A copy of ``source_model`` with its BatchNorm statistics re-estimated on IPES.TARGET's
+    unlabelled training images (AdaBN, robustreid.modeling.batchnorm_adaptation), at the test
+    transform."""
     from robustreid.data.validation import build_dataset
-    from robustreid.engine import RobustTrainer
     from robustreid.modeling.batchnorm_adaptation import adapt_batchnorm_statistics
 
-    model = RobustTrainer.load_for_eval(direct_transfer_config(cfg, weights))
-    items = [(item[0], 0, 0) for item in build_dataset(cfg.IPES.TARGET).train]
-    loader = torch.utils.data.DataLoader(
-        CommDataset(items, build_transforms(cfg, is_train=False), relabel=False),
-        batch_size=cfg.TEST.IMS_PER_BATCH, num_workers=cfg.DATALOADER.NUM_WORKERS,
-        collate_fn=fast_batch_collator)
+    model = copy.deepcopy(source_model)
+    loader = dg_eval.image_loader(cfg, [item[0] for item in build_dataset(cfg.IPES.TARGET).train])
     device = next(model.parameters()).device
     seen = adapt_batchnorm_statistics(model, (b["images"].to(device) for b in loader))
-    logger.info("AdaBN: BatchNorm statistics of %s re-estimated on %d %s training images",
-                weights, seen, cfg.IPES.TARGET)
+    logger.info("AdaBN: BatchNorm statistics re-estimated on %d %s training images", seen,
+                cfg.IPES.TARGET)
     return model
 
 
@@ -163,8 +155,8 @@ def main(argv=None):
         rows.append(("Direct transfer", "source model",
                      dg_eval.evaluate_targets(cfg, source_model, targets, 1)))
         rows.append(("Direct transfer + AdaBN", "target BN statistics",
-                     dg_eval.evaluate_targets(cfg, adapted_batchnorm_model(cfg, direct), targets,
-                                              1)))
+                     dg_eval.evaluate_targets(cfg, adapted_batchnorm_model(cfg, source_model),
+                                              targets, 1)))
     rows.append((f"IPES-GAN ({backbone_label(cfg)})", "this run",
                  dg_eval.evaluate_targets(cfg, model, targets, 1, known)))
     source = "+".join(cfg.DATASETS.NAMES)
