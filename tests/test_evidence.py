@@ -518,3 +518,40 @@ def test_only_splits_a_study_across_processes(tool, fake_runs, tmp_path, dataset
 
     assert tool.main(methods_args(tmp_path, "--only", "eat/*")) == 2
     assert "--only 'eat/*' matches no run; runs: base/seed0, at/seed0" in capsys.readouterr().err
+
+
+def test_prune_checkpoints_keeps_final_and_best_of_finished_runs_only(tool, fake_runs, tmp_path,
+                                                                      datasets_root, capsys,
+                                                                      monkeypatch):
+    """--prune-checkpoints deletes model_<epoch>.pth of a run once it is finished (trained now or
+    earlier) and evaluated; model_final/model_best stay; an unfinished run keeps what it resumes
+    from."""
+    import run_state
+
+    fake_train = tool.train
+
+    def train_with_epoch_checkpoints(argv):
+        fake_train(argv)
+        out = opt(argv, "OUTPUT_DIR")
+        for name in ("model_0000.pth", "model_0001.pth", "model_best.pth"):
+            with open(os.path.join(out, name), "wb") as f:
+                f.write(b"\0" * 2 ** 20)
+
+    monkeypatch.setattr(tool, "train", train_with_epoch_checkpoints)
+    assert tool.main(methods_args(tmp_path, "--only", "base/seed0")) == 0
+    base0 = tmp_path / "ev" / "base" / "seed0"
+    assert (base0 / "model_0001.pth").exists()  # without the option nothing is deleted
+
+    assert tool.main(methods_args(tmp_path, "--prune-checkpoints")) == 0
+    out = capsys.readouterr().out
+    assert "[1/4] base seed 0: skipped (finished earlier); 2 MB of intermediate checkpoints deleted" in out
+    assert out.count("; 2 MB of intermediate checkpoints deleted") == 4  # 3 trained now
+    for run in ("base/seed0", "base/seed1", "at/seed0", "at/seed1"):
+        assert sorted(p.name for p in (tmp_path / "ev" / run).glob("*.pth")) == [
+            "model_best.pth", "model_final.pth"]
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "model_0000.pth").write_bytes(b"\0")
+    assert run_state.prune_checkpoints(str(unfinished)) == 0
+    assert (unfinished / "model_0000.pth").exists()
