@@ -40,10 +40,7 @@ def evaluator(trained_tiny):
 
 @pytest.fixture(scope="module")
 def noise_map(evaluator):
-    from robustreid.evaluation.attack_grid import AttackCell
-    from robustreid.evaluation.robust import UniformNoise
-
-    return evaluator.evaluate_attack(UniformNoise(8), AttackCell("NOISE", 8.0, 1))["mAP"]
+    return evaluator.evaluate_noise(8)["mAP"]
 
 
 # HSJA (decision-based) needs more queries than NES for the same effect: at 200 its mAP varied from
@@ -185,8 +182,11 @@ def test_cli_query_protocol_reports_queries(trained_tiny, tmp_path, capsys):
     assert report["settings"]["query_budgets"] == [30] and report["settings"]["attacks"] == ["HSJA"]
     (cell,) = report["datasets"][0]["cells"]
     assert cell["label"] == "HSJA 8/255 q30" and cell["queries_max"] <= 30 and cell["images"] == 4
+    (noise,) = report["datasets"][0]["noise_baselines"]  # the control of the attack's budget
+    assert (noise["label"], noise["eps"], noise["within_budget"]) == ("uniform noise 8/255", 8.0, True)
     table = (out / "results.md").read_text()
     assert "| SynthReIDTiny | HSJA 8/255 q30 | 30 |" in table
+    assert f"| SynthReIDTiny | uniform noise 8/255 | {noise['Rank-1']:.1f} |" in table
     assert (out / "mAP_vs_eps.png").exists()
 
 

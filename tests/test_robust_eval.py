@@ -76,26 +76,23 @@ def test_eps_zero_reproduces_clean_exactly(evaluator, attack):
 
 
 def test_budgets_hold_and_map_does_not_increase_with_eps(evaluator):
-    from robustreid.evaluation.robust import UniformNoise
-
     maps = [evaluator.clean["mAP"]]
     for eps in (8, 32):
         result = evaluator.evaluate_cell(cell("FNA", eps))
         assert result["within_budget"] and result["pixels_in_range"]
         assert result["max_linf_255"] <= eps + 1e-3
         # FNA starts from a uniform draw of the ball, UniformNoise's draw: its steps must beat it
-        noise = evaluator.evaluate_attack(UniformNoise(eps), cell("NOISE", eps, 1))
+        noise = evaluator.evaluate_noise(eps)
         assert result["mAP"] < noise["mAP"]
         maps.append(result["mAP"])
     assert maps[1] <= maps[0] + 0.5 and maps[2] <= maps[1] + 0.5, maps
 
 
 def test_fna_cuts_map_and_beats_random_noise_of_the_same_budget(evaluator):
-    from robustreid.evaluation.robust import UniformNoise
-
     fna = evaluator.evaluate_cell(cell("FNA", 8))
-    noise = evaluator.evaluate_attack(UniformNoise(8), cell("NOISE", 8, 1))
-    assert noise["within_budget"]
+    noise = evaluator.evaluate_noise(8)
+    assert noise["within_budget"] and noise["max_linf_255"] <= 8 + 1e-3
+    assert noise["label"] == "uniform noise 8/255" and noise["attack"] == "NOISE"
     clean, chance = evaluator.clean["mAP"], evaluator.run([])["chance"]["mAP"]
     print(f"FNA 8/255-{STEPS}: mAP {fna['mAP']:.1f}, noise {noise['mAP']:.1f}, clean {clean:.1f}, "
           f"chance {chance:.1f}")

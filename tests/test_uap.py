@@ -30,15 +30,13 @@ def surrogate_of(trained):
 
 
 def test_uap_from_one_model_lowers_another_models_map(models):
-    from robustreid.evaluation.attack_grid import AttackCell
-    from robustreid.evaluation.robust import UniformNoise
     from robustreid.evaluation.universal_evaluator import UAPCell, UAPEvaluator
 
     surrogate, (cfg, model, _, _) = models
     evaluator = UAPEvaluator(cfg, model, "SynthReIDTiny", progress=False,
                              surrogate=surrogate_of(surrogate), step_size=2)
     clean = evaluator.evaluate_clean()["mAP"]
-    noise = evaluator.evaluate_attack(UniformNoise(16), AttackCell("NOISE", 16.0, 1))["mAP"]
+    noise = evaluator.evaluate_noise(16)["mAP"]
     result = evaluator.evaluate_cell(UAPCell(16.0, 30))
     # Measured (seeds 0 -> 1): clean 53.6, noise 53.6, transferred UAP 44.6 (white-box: 26.7)
     assert result["mAP"] < min(clean, noise) - 4, (clean, noise, result["mAP"])
@@ -83,8 +81,12 @@ def test_cli_uap_protocol_transfer_report(models, tmp_path, capsys):
     assert report["settings"]["protocol"] == "uap" and report["settings"]["steps"] == [2]
     (cell,) = report["datasets"][0]["cells"]
     assert cell["label"] == "UAP 8/255-2" and cell["transfer"] and cell["fit_steps"] == 2
+    (noise,) = report["datasets"][0]["noise_baselines"]  # the control of the UAP's budget
+    assert (noise["label"], noise["eps"], noise["within_budget"]) == ("uniform noise 8/255", 8.0, True)
     table = (out / "results.md").read_text()
     assert "learned on the surrogate config.yaml (transfer)" in table and "| UAP 8/255-2 |" in table
+    assert f"| SynthReIDTiny | uniform noise 8/255 | {noise['Rank-1']:.1f} |" in table
+    assert "uniform noise" not in table.split("\n\n")[1]  # the papers' table: attacks only
 
 
 @pytest.mark.parametrize("args, message", [

@@ -60,6 +60,10 @@ estimates of a margin read off the query's distances to the gallery, L-inf sign 
 each --eps (default 8) with each --query-budget per image (default 1000), enforced; the queries
 used per image are reported. Writes results.json, results.md and mAP_vs_eps.png.
 
+Both protocols also score uniform noise of each --eps on the same queries (results.json's
+"noise_baselines", a "uniform noise 8/255" row): their attacks are weak, and one only shows itself by
+falling below that control, not below clean.
+
 --protocol uap learns one universal L-inf perturbation per --eps (default 8) x --steps (default 100
 sign-gradient steps of --step-size, default 1/255, on batches of TEST.IMS_PER_BATCH) on the training
 images of DATASETS.NAMES, pushing features away from the clean ones (--distance), and adds it to
@@ -420,8 +424,8 @@ def run(ns, settings, checked_cfg, defense):
         start = time.perf_counter()
         cells = query_grid(settings["attacks"], settings["eps"], settings["query_budgets"])
         datasets = [QueryAttackEvaluator(cfg, model, name, max_queries=settings["max_queries"],
-                                         seed=max(cfg.ROBUSTREID.SEED, 0)).run(cells)
-                    for name in cfg.DATASETS.TESTS]
+                                         seed=max(cfg.ROBUSTREID.SEED, 0))
+                    .run(cells, noise_eps=settings["eps"]) for name in cfg.DATASETS.TESTS]
         report = build_report(report_settings(ns, settings, cfg, output), datasets,
                               time.perf_counter() - start)
         write_protocol_report(report, output, query_markdown)
@@ -435,7 +439,7 @@ def run(ns, settings, checked_cfg, defense):
         datasets = [UAPEvaluator(cfg, model, name, max_queries=settings["max_queries"],
                                  seed=max(cfg.ROBUSTREID.SEED, 0), surrogate=surrogate,
                                  step_size=settings["step_size"], distance=settings["distance"])
-                    .run(cells) for name in cfg.DATASETS.TESTS]
+                    .run(cells, noise_eps=settings["eps"]) for name in cfg.DATASETS.TESTS]
         report = build_report(report_settings(ns, settings, cfg, output), datasets,
                               time.perf_counter() - start)
         write_protocol_report(report, output, uap_markdown)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..attacks import EOTAttack, GuideSet, ReidFeatureExtractor, build_attack
 from ..attacks.eot import expected_output
 from ..data.validation import build_dataset
-from .attack_grid import (METRICS, ROBUST_CONFIG_NAMES, attack_grid, format_eps,
+from .attack_grid import (METRICS, ROBUST_CONFIG_NAMES, AttackCell, attack_grid, format_eps,
                           parse_attack_options)
 from .faiss_evaluator import _faiss_options
 from .guide_choice import check_guides, guide_split_name
@@ -347,10 +347,20 @@ class RobustEvaluator:
                     self.clean["Rank-1"], attack_seconds)
         return result
 
-    def run(self, cells):
-        """Clean metrics, chance level and every cell: one dataset's entry of a robust report."""
+    def evaluate_noise(self, eps):
+        """The control of an attack at L-inf ``eps`` (1/255): uniform noise of that budget on the
+        same images. A weak attack (query-based, universal, transferred) is only shown by falling
+        below it, not below clean."""
+        cell = AttackCell("NOISE", float(eps), 1)
+        return {**self.evaluate_attack(UniformNoise(eps), cell),
+                "label": f"uniform noise {format_eps(eps)}/255"}
+
+    def run(self, cells, noise_eps=()):
+        """Clean metrics, chance level, every cell and the uniform-noise control of each budget in
+        ``noise_eps``: one dataset's entry of a robust report."""
         clean = self.evaluate_clean()
         results = [self.evaluate_cell(cell) for cell in cells]
+        noise = [self.evaluate_noise(e) for e in noise_eps]
         chance_map, chance_r1 = chance_level(self.query.pids, self.gallery.pids, self.query.camids,
                                              self.gallery.camids, seed=self.seed)
         return {
@@ -359,6 +369,7 @@ class RobustEvaluator:
             "attacked": self.attacked.name, "metric": self.metric,
             "chance": {"mAP": chance_map, "Rank-1": chance_r1},
             "clean": clean, "clean_seconds": self.clean_seconds, "cells": results,
+            **({"noise_baselines": noise} if noise else {}),
         }
 
 

@@ -78,7 +78,8 @@ def robust_markdown(report):
               "per-ID mAP mean ± std | max L-inf (/255) | max budget used | attack s |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in datasets:
-        for name, r in [("Clean", d["clean"])] + [(c["label"], c) for c in d["cells"]]:
+        for name, r in [("Clean", d["clean"])] + [(c["label"], c) for c in
+                                                  d["cells"] + d.get("noise_baselines", [])]:
             per_id = r["per_identity_mAP"]
             linf = f"{r['max_linf_255']:.3f}" if "max_linf_255" in r else "0"
             # in the attack's own budget unit: L-inf /255, or WMA's transport cost per unit mass

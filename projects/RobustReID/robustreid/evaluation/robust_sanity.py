@@ -5,7 +5,6 @@ budget reaches chance, budgets hold, and a rerun gives the same numbers. Cells a
 from dataclasses import dataclass
 
 from .attack_grid import METRICS, AttackCell, format_eps
-from .robust import UniformNoise
 
 # Slack on "mAP does not increase with eps or steps" (mAP points): attacks are local searches.
 MONOTONE_TOLERANCE = 0.5
@@ -78,7 +77,7 @@ def sanity_checks(evaluator, result, tolerance=MONOTONE_TOLERANCE, large_eps=LAR
 
     weaker = []
     for e in eps_values:
-        noise = evaluator.evaluate_attack(UniformNoise(e), AttackCell("NOISE", e, 1))
+        noise = evaluator.evaluate_noise(e)
         extra.append(dict(noise, purpose="random noise baseline"))
         weaker += [f"{c['label']} {c['mAP']:.2f} >= noise {noise['mAP']:.2f}"
                    for c in grid if c["eps"] == e and c["mAP"] >= noise["mAP"]]
