@@ -274,13 +274,14 @@ def test_identity_validation_error_of_the_model(tmp_path, datasets_root):
     error = schedule.validation_error(model)
     assert 0.0 <= error <= 1.0 and model.training
     # independent count: argmax of the classifier over eval-mode features
-    from robustreid.engine.dg_steps import _plain_loader, identity_logits
+    from robustreid.data.test_loader import plain_test_loader
+    from robustreid.engine.dg_steps import identity_logits
 
     items = [(p, loader.dataset.pid_dict[pid], 0) for p, pid, _ in val]
     model.eval()
     with torch.no_grad():
         wrong = sum(int((identity_logits(model, model(b)).argmax(1) != b["targets"]).sum())
-                    for b in _plain_loader(cfg, items, 7))
+                    for b in plain_test_loader(cfg, items, 7))
     model.train()
     assert error == pytest.approx(wrong / len(val))
 
@@ -300,7 +301,8 @@ def test_bau_trains_and_initialises_memory(tmp_path, datasets_root):
 
 
 def test_prototype_memory_init_is_the_class_centroids(tmp_path, datasets_root):
-    from robustreid.engine.dg_steps import PrototypeMemoryInit, _plain_loader
+    from robustreid.data.test_loader import plain_test_loader
+    from robustreid.engine.dg_steps import PrototypeMemoryInit
 
     cfg, model, loader, _ = _dg_model_and_batch(tmp_path, "DG.BAU.ENABLED", "True")
     hook = PrototypeMemoryInit(cfg, loader.dataset)
@@ -310,7 +312,7 @@ def test_prototype_memory_init_is_the_class_centroids(tmp_path, datasets_root):
     items = [(p, int(pid), 0) for (p, _, _), pid in zip(loader.dataset.img_items, pids)]
     model.eval()
     with torch.no_grad():
-        feats = torch.cat([F.normalize(model(b), dim=1) for b in _plain_loader(cfg, items, 9)])
+        feats = torch.cat([F.normalize(model(b), dim=1) for b in plain_test_loader(cfg, items, 9)])
     model.train()
     for c in (0, 5, int(pids.max())):
         expected = F.normalize(feats[pids == c].mean(0), dim=0)

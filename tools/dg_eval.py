@@ -25,10 +25,8 @@ import torch
 
 import robustreid  # noqa: F401  (compat patches, registrations)
 import robustreid.data.dg_datasets  # noqa: F401  (DG target datasets)
-from fastreid.data.build import fast_batch_collator
-from fastreid.data.common import CommDataset
-from fastreid.data.transforms import build_transforms
 from robustreid.cli import OneLineParser, int_at_least
+from robustreid.data.test_loader import plain_test_loader
 from robustreid.data.validation import build_dataset, datasets_root
 from robustreid.evaluation import build_reid_evaluator
 
@@ -37,21 +35,12 @@ logger = logging.getLogger("robustreid.dg_eval")
 METRICS = ("mAP", "Rank-1", "Rank-5", "Rank-10")
 
 
-def image_loader(cfg, paths):
-    """Batches of ``paths`` at the test transform (TEST.IMS_PER_BATCH, no labels)."""
-    dataset = CommDataset([(p, 0, 0) for p in paths], build_transforms(cfg, is_train=False),
-                          relabel=False)
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.TEST.IMS_PER_BATCH,
-                                       num_workers=cfg.DATALOADER.NUM_WORKERS,
-                                       collate_fn=fast_batch_collator)
-
-
 @torch.no_grad()
 def _features(cfg, model, paths, cache):
     """Eval-mode features of ``paths`` (cached by path across splits)."""
     todo = [p for p in dict.fromkeys(paths) if p not in cache]
     if todo:
-        loader = image_loader(cfg, todo)
+        loader = plain_test_loader(cfg, [(p, 0, 0) for p in todo])
         device = next(model.parameters()).device
         model.eval()
         for batch in loader:

@@ -82,11 +82,13 @@ def adapted_batchnorm_model(cfg, source_model):
     """A copy of ``source_model`` with its BatchNorm statistics re-estimated on IPES.TARGET's
     unlabelled training images (AdaBN, robustreid.modeling.batchnorm_adaptation), at the test
     transform."""
+    from robustreid.data.test_loader import plain_test_loader
     from robustreid.data.validation import build_dataset
     from robustreid.modeling.batchnorm_adaptation import adapt_batchnorm_statistics
 
     model = copy.deepcopy(source_model)
-    loader = dg_eval.image_loader(cfg, [item[0] for item in build_dataset(cfg.IPES.TARGET).train])
+    target_images = [(item[0], 0, 0) for item in build_dataset(cfg.IPES.TARGET).train]
+    loader = plain_test_loader(cfg, target_images)
     device = next(model.parameters()).device
     seen = adapt_batchnorm_statistics(model, (b["images"].to(device) for b in loader))
     logger.info("AdaBN: BatchNorm statistics re-estimated on %d %s training images", seen,

@@ -48,15 +48,13 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from fastreid.data.build import fast_batch_collator
-from fastreid.data.common import CommDataset
-from fastreid.data.transforms import build_transforms
 from fastreid.engine.hooks import HookBase
 from fastreid.utils import comm
 from fastreid.utils.events import get_event_storage
 from torch.func import functional_call
 
 from ..data.synth_reid import TIME_LABELS
+from ..data.test_loader import plain_test_loader
 from ..modeling.losses.adin import (NuisanceHead, calibrated_negative_entropy_loss,
                                     focal_entropy_loss, negative_entropy_loss,
                                     nuisance_class_prior, reverse_gradient_loss)
@@ -245,14 +243,6 @@ def identity_logits(model, neck_features):
     return F.linear(F.normalize(neck_features), F.normalize(heads.weight))
 
 
-def _plain_loader(cfg, items, batch_size):
-    """All ``items`` in order, test transforms, on every process (no sharding)."""
-    dataset = CommDataset(items, build_transforms(cfg, is_train=False), relabel=False)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                       num_workers=cfg.DATALOADER.NUM_WORKERS,
-                                       collate_fn=fast_batch_collator)
-
-
 def _to_device(batch, device):
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -276,7 +266,7 @@ class ADINSchedule(HookBase):
         items = [(path, train_set.pid_dict[pid], 0) for path, pid, *_ in train_set.val_items]
         # each process validates its share of the split (see validation_error)
         items = items[comm.get_rank()::comm.get_world_size()]
-        loader = _plain_loader(cfg, items, cfg.TEST.IMS_PER_BATCH)
+        loader = plain_test_loader(cfg, items)
         return cls(adversary, loader, sched.PRETRAIN_EPOCHS, sched.NUISANCE_PRETRAIN_ITERS,
                    sched.THRESHOLD_I_TARGET, sched.THRESHOLD_I_TRIGGER, sched.VAL_PERIOD)
 
@@ -384,7 +374,7 @@ class PrototypeMemoryInit(HookBase):
         train_set = self.train_set
         pids, _, domains = train_set.labels()
         items = [(item[0], int(pid), 0) for item, pid in zip(train_set.img_items, pids)]
-        loader = _plain_loader(self.cfg, items, self.cfg.DG.BAU.INIT_BATCH_SIZE)
+        loader = plain_test_loader(self.cfg, items, self.cfg.DG.BAU.INIT_BATCH_SIZE)
         model = self.trainer.model
         was_training = model.training
         model.eval()

@@ -25,14 +25,11 @@ import time
 
 import numpy as np
 import torch
-from fastreid.data.build import fast_batch_collator
-from fastreid.data.common import CommDataset
-from fastreid.data.transforms import build_transforms
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..attacks import EOTAttack, GuideSet, ReidFeatureExtractor, build_attack
 from ..attacks.eot import expected_output
+from ..data.test_loader import plain_test_loader
 from ..data.validation import build_dataset
 from .attack_grid import (METRICS, ROBUST_CONFIG_NAMES, AttackCell, attack_grid, format_eps,
                           parse_attack_options)
@@ -180,11 +177,8 @@ class RobustEvaluator:
         return self.gallery if self.attack_gallery else self.query
 
     def _loader(self, split):
-        # A plain single-process loader: fastreid's test loader shards by rank, and the robust
-        # evaluation runs on the main process only.
-        dataset = CommDataset(split.items, build_transforms(self.cfg, is_train=False), relabel=False)
-        return DataLoader(dataset, batch_size=self.cfg.TEST.IMS_PER_BATCH, shuffle=False,
-                          num_workers=self.cfg.DATALOADER.NUM_WORKERS, collate_fn=fast_batch_collator)
+        # single-process: the robust evaluation runs on the main process only
+        return plain_test_loader(self.cfg, split.items)
 
     def _x01(self, batch):
         # fastreid's test transforms give [0, 255] floats; attacks and extractor work in [0, 1].

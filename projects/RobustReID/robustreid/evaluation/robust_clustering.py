@@ -24,14 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from fastreid.data.build import fast_batch_collator
-from fastreid.data.common import CommDataset
-from fastreid.data.transforms import build_transforms
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..attacks import ReidFeatureExtractor, build_attack
 from ..config import ConfigError
+from ..data.test_loader import plain_test_loader
 from ..data.validation import build_dataset
 from ..modeling.meta_arch.ensemble import EnsembleEmbedding, EnsembleReID
 from ..parallel import unwrap
@@ -146,10 +143,7 @@ class ClusteringRobustEvaluator:
         self.clean_seconds = None
 
     def _loader(self):
-        dataset = CommDataset(self.items, build_transforms(self.cfg, is_train=False), relabel=False)
-        return DataLoader(dataset, batch_size=self.cfg.TEST.IMS_PER_BATCH, shuffle=False,
-                          num_workers=self.cfg.DATALOADER.NUM_WORKERS,
-                          collate_fn=fast_batch_collator)
+        return plain_test_loader(self.cfg, self.items)
 
     def _x01(self, batch):
         # fastreid's test transforms give [0, 255] floats; attacks work in [0, 1] (x / 255 * 255
